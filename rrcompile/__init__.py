@@ -1,0 +1,1 @@
+"""rrcompile: make trained ONNX networks survive RRAM weight variation."""
