@@ -1,0 +1,188 @@
+"""The graph layer: onnx-graphsurgeon round trips, analog layers, and the networkx view.
+
+An *analog layer* is a Conv, Gemm or MatMul whose weight is a constant initializer: those are the
+matrix-vector products a crossbar executes, so they are the only places where weights vary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+TARGET_OPSET = 17
+TARGET_IR_VERSION = 8  # the IR version that introduced opset 17
+RRCOMPILE_DOMAIN = "ai.rrcompile"
+ANALOG_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping the model-level fields of ``like`` that graphsurgeon drops."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    model.producer_name = like.producer_name or model.producer_name
+    model.producer_version = like.producer_version or model.producer_version
+    model.model_version = like.model_version
+    model.doc_string = like.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` if it is an initializer or the output of a Constant node."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
+        if isinstance(attrs.get("value"), gs.Constant):
+            return attrs["value"].values
+    return None
+
+
+def only_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The single node reading ``tensor``, or None if it has several readers or is a graph output."""
+    if len(tensor.outputs) != 1 or tensor in graph.outputs:
+        return None
+    return tensor.outputs[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalogLayer:
+    node: str  # node name
+    op: str
+    weight: str  # initializer name
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    rows: int  # crossbar rows = input features (fan-in per output)
+    cols: int  # crossbar columns = output features
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    def tiles(self, tile: int) -> int:
+        """Crossbar tiles of ``tile`` x ``tile`` cells needed to hold the weight matrix."""
+        return math.ceil(self.rows / tile) * math.ceil(self.cols / tile)
+
+
+def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
+    """Every analog layer in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        shape = tuple(inits[node.input[1]].dims)
+        if node.op_type == "Conv":
+            rows, cols = int(np.prod(shape[1:])), shape[0]
+        elif node.op_type == "Gemm" and _int_attr(node, "transB"):
+            rows, cols = shape[1], shape[0]
+        else:
+            rows, cols = shape[0], int(np.prod(shape[1:]))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        layers.append(AnalogLayer(node.name, node.op_type, node.input[1], bias, shape, rows, cols))
+    return layers
+
+
+def _int_attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Shapes of every tensor that shape inference can resolve (symbolic dims kept as names)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for t in inferred.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def macs_per_sample(model: onnx.ModelProto, layer: AnalogLayer, shapes: dict) -> int | None:
+    """Multiply-accumulates of one analog layer for one input sample (batch dim excluded)."""
+    node = next(n for n in model.graph.node if n.name == layer.node)
+    out_shape = shapes.get(node.output[0])
+    if out_shape is None or not all(isinstance(d, int) and d > 0 for d in out_shape[1:]):
+        return None
+    return int(np.prod(out_shape[1:])) * layer.rows
+
+
+def to_networkx(model: onnx.ModelProto) -> nx.DiGraph:
+    """A DiGraph with one vertex per ONNX node (keyed by node name) and an edge per tensor link.
+
+    Vertex attributes: ``op``, ``analog`` (bool), and for analog layers ``weight``, ``weight_shape``,
+    ``params``, ``macs`` (per sample), ``crossbar`` (rows, cols); every vertex has ``depth``
+    (longest path from the graph inputs, in nodes) and ``analog_depth`` (analog layers on that
+    path, this one included). Edge attribute ``tensor`` names the linking tensor.
+    """
+    shapes = tensor_shapes(model)
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    view = nx.DiGraph(name=model.graph.name)
+    producer: dict[str, str] = {}
+    for node in model.graph.node:
+        attrs = {"op": node.op_type, "domain": node.domain, "analog": node.name in layers}
+        if node.name in layers:
+            layer = layers[node.name]
+            attrs.update(
+                weight=layer.weight,
+                weight_shape=layer.weight_shape,
+                params=layer.params,
+                macs=macs_per_sample(model, layer, shapes),
+                crossbar=(layer.rows, layer.cols),
+            )
+        view.add_node(node.name, **attrs)
+        for out in node.output:
+            producer[out] = node.name
+    for node in model.graph.node:
+        for inp in node.input:
+            if inp in producer:
+                view.add_edge(producer[inp], node.name, tensor=inp)
+    for name in nx.topological_sort(view):
+        preds = list(view.predecessors(name))
+        view.nodes[name]["depth"] = 1 + max((view.nodes[p]["depth"] for p in preds), default=-1)
+        view.nodes[name]["analog_depth"] = int(view.nodes[name]["analog"]) + max(
+            (view.nodes[p]["analog_depth"] for p in preds), default=0
+        )
+    return view
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """``base``, or ``base_<k>`` for the first k that names no tensor in ``graph``."""
+    taken = graph.tensors().keys()
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def writable_constant(graph: gs.Graph, tensor: gs.Constant, reader: gs.Node, base: str) -> gs.Constant:
+    """A constant holding ``tensor``'s values that only ``reader`` uses, so it may be rewritten.
+
+    The tensor itself when ``reader`` is its only user (so its name survives), else a fresh copy.
+    """
+    if all(user is reader for user in tensor.outputs):
+        return tensor
+    return gs.Constant(unique_name(graph, base), np.array(tensor.values))
+
+
+def per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``value`` as a length-``channels`` vector if it broadcasts along axis 1 of a rank-``rank`` tensor only."""
+    target = (1, channels) + (1,) * (rank - 2)
+    try:
+        if np.broadcast_shapes(value.shape, target) != target:
+            return None
+    except ValueError:
+        return None
+    return np.broadcast_to(value, target).reshape(channels)
