@@ -52,8 +52,9 @@ class Pass(abc.ABC):
 class PassManager(Pass):
     """Run passes in order, optionally repeating the sequence until nothing changes.
 
-    An :class:`RRCompileError` raised inside a pass is re-raised as a :class:`PassError` whose
-    message starts with the failing pass's name, so a user knows which stage rejected the model.
+    An :class:`RRCompileError` raised inside a pass is re-raised with the same type and a message
+    that starts with the failing pass's name, so a user knows which stage rejected the model; any
+    other exception becomes a :class:`PassError` naming the pass.
     """
 
     def __init__(self, passes: Sequence[Pass], *, steps: int = 1):
@@ -69,8 +70,8 @@ class PassManager(Pass):
                     result = p(model)
                 except PassError:
                     raise
-                except RRCompileError as exc:
-                    raise PassError(f"{p.name}: {exc}") from exc
+                except RRCompileError as exc:  # keep the type callers catch, add the pass's name
+                    raise type(exc)(f"{p.name}: {exc}") from exc
                 except Exception as exc:  # a bug or a library error: still name the pass
                     raise PassError(f"{p.name} failed: {type(exc).__name__}: {exc}") from exc
                 model = result.model

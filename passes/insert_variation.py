@@ -1,0 +1,85 @@
+"""InsertVariationPass: route every analog layer's weight through its device models.
+
+Rules:
+1. Requires a canonical model (target opset) with at least one analog layer, not yet varied.
+2. For each analog layer with a non-empty device stack (``DeviceConfig.for_layer``), the weight
+   input is replaced by a chain of ``ai.rrcompile`` function calls in physical order
+   (quantize -> lognormal -> programming -> stuck -> read), each named ``<layer>.<kind>``.
+3. Models that scale with the layer's range read ``<layer>.weight_range = ReduceMax(Abs(W))``,
+   computed once from the programmed weight so that every effect uses the same range.
+4. Each stochastic model reads a new float32 graph input ``<layer>.<kind>_noise`` shaped like the
+   weight; the evaluator feeds it (standard normal or uniform), so one feed is one chip.
+5. Every function used is added once to ``model.functions`` and ``ai.rrcompile`` to the opset
+   imports, so stock onnxruntime runs the graph.
+With every model switched off (sigma = eta = p = 0) the outputs equal the input graph's exactly.
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from rrcompile.devices import FUNCTION_OPSET, DeviceConfig, DeviceModel
+from rrcompile.errors import UnsupportedModelError
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers
+from rrcompile.pass_manager import Pass, PassResult
+from rrcompile.passes.convert_opset import default_opset
+
+
+class InsertVariationPass(Pass):
+    def __init__(self, device: DeviceConfig):
+        self.device = device
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if default_opset(model) != TARGET_OPSET:
+            raise self.fail(f"expects a canonical model at opset {TARGET_OPSET}; run CanonicalizePass first")
+        if any(n.domain == RRCOMPILE_DOMAIN for n in model.graph.node):
+            raise self.fail("the model already contains ai.rrcompile ops")
+        if not analog_layers(model):
+            raise UnsupportedModelError("no analog layer (Conv, Gemm or MatMul with a constant weight) in the model")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        layers = {layer.node: layer for layer in analog_layers(model)}
+        dtypes = {t.name: t.data_type for t in model.graph.initializer}
+        nodes: list[onnx.NodeProto] = []
+        used: dict[str, type[DeviceModel]] = {}
+        for node in model.graph.node:
+            layer = layers.get(node.name)
+            stack = self.device.for_layer(layer.node, layer.weight) if layer else []
+            if stack:
+                chain, noise_inputs, varied = self._chain(layer, stack)
+                nodes.extend(chain)
+                model.graph.input.extend(
+                    helper.make_tensor_value_info(name, dtypes[layer.weight], layer.weight_shape) for name in noise_inputs
+                )
+                node.input[1] = varied
+                used.update((m.op_type, type(m)) for m in stack)
+            nodes.append(node)
+        if not used:
+            return PassResult(model, False)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.functions.extend(cls.function_proto() for cls in used.values())
+        model.opset_import.append(helper.make_opsetid(RRCOMPILE_DOMAIN, FUNCTION_OPSET))
+        return PassResult(model, True)
+
+    @staticmethod
+    def _chain(layer: AnalogLayer, stack: list[DeviceModel]) -> tuple[list[onnx.NodeProto], list[str], str]:
+        nodes, noise_inputs = [], []
+        weight_range = f"{layer.node}.weight_range"
+        if any(m.reads_range() for m in stack):
+            nodes += [
+                helper.make_node("Abs", [layer.weight], [f"{layer.node}.weight_abs"], name=f"{layer.node}.weight_abs"),
+                helper.make_node("ReduceMax", [f"{layer.node}.weight_abs"], [weight_range], name=weight_range, keepdims=0),
+            ]
+        current = layer.weight
+        for model in stack:
+            inputs = [current, weight_range] if model.reads_range() else [current]
+            if model.noise is not None:
+                noise_name = f"{layer.node}.{model.kind}_noise"
+                inputs.append(noise_name)
+                noise_inputs.append(noise_name)
+            output = f"{layer.node}.{model.kind}"
+            nodes.append(helper.make_node(model.op_type, inputs, [output], name=output, domain=RRCOMPILE_DOMAIN, **model.values))
+            current = output
+        return nodes, noise_inputs, current

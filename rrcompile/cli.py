@@ -1,0 +1,194 @@
+"""The ``rrcompile`` command line.
+
+Every user error is one line on stderr naming the culprit, exit code 2, and no output file
+(outputs are written at the very end, atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from rrcompile import pipeline
+from rrcompile.data import Preprocess, load_data
+from rrcompile.devices import parse_device
+from rrcompile.errors import DeviceSpecError, RRCompileError
+from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
+from rrcompile.graph import analog_layers, macs_per_sample, tensor_shapes
+from rrcompile.io import load_model
+from rrcompile.passes.convert_opset import default_opset
+from rrcompile.report import format_table, percent, write_json
+
+
+@contextlib.contextmanager
+def about(path: str) -> Iterator[None]:
+    """Prefix errors raised inside with ``path`` so the user knows which file they concern."""
+    try:
+        yield
+    except RRCompileError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
+def parse_sweep(text: str) -> list[float]:
+    """``0,0.1,0.2`` or the elided form ``0,0.1,...,0.8`` (step taken from the first two values)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if "..." in parts:
+            if len(parts) != 4 or parts[2] != "...":
+                raise ValueError
+            start, second, stop = float(parts[0]), float(parts[1]), float(parts[3])
+            step = second - start
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(p) for p in parts]
+    except ValueError:
+        raise DeviceSpecError(f"--sigma-sweep '{text}': expected a comma list like 0,0.1,0.2 or 0,0.1,...,0.8") from None
+    if not values or min(values) < 0:
+        raise DeviceSpecError(f"--sigma-sweep '{text}': sigmas must be >= 0")
+    return values
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    device = parse_device(args.device)
+    sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else None
+    preprocess = Preprocess.parse(args.scale, args.mean, args.std)
+    if args.samples < 1:
+        raise DeviceSpecError(f"--samples {args.samples}: must be >= 1")
+    with about(args.model):
+        model = pipeline.canonicalize(load_model(args.model))
+        evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
+    data = load_data(args.data, args.split).subset(args.limit)
+    x = evaluator.prepare(preprocess.apply(data.x))
+    progress = not args.quiet
+
+    started = time.perf_counter()
+    stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=progress)
+    elapsed = time.perf_counter() - started
+    print(f"{args.model} on {data.name} ({len(data.y)} {args.split} images), device {device.describe()}, "
+          f"{args.samples} chips, seed {args.seed}")
+    print(format_table(["metric", "accuracy"], [
+        ["clean", percent(stats.clean_accuracy)],
+        ["chips: mean", percent(stats.mean)],
+        ["chips: std", percent(stats.std)],
+        ["chips: 5th percentile", percent(stats.p5)],
+        ["chips: worst", percent(stats.worst)],
+        ["yield (>= 95% of clean)", percent(stats.yield_)],
+    ]))
+    print(f"{args.samples * len(data.y) / elapsed:,.0f} images x chips per second")
+    report = {
+        "model": str(args.model), "data": data.name, "split": args.split, "images": len(data.y),
+        "preprocess": {"scale": preprocess.scale, "mean": list(preprocess.mean), "std": list(preprocess.std)},
+        "device": device.describe(), "samples": args.samples, "seed": args.seed, "batch_size": args.batch_size,
+        **stats.summary(), "chip_accuracies": stats.chip_accuracies,
+    }
+
+    if sweep:
+        results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
+                              batch_size=args.batch_size, progress=progress)
+        print("\naccuracy vs log-normal sigma")
+        print(format_table(["sigma", "mean", "std", "5th pct", "worst", "yield"], [
+            [f"{s:g}", percent(r.mean), percent(r.std), percent(r.p5), percent(r.worst), percent(r.yield_)]
+            for s, r in results.items()
+        ]))
+        report["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in results.items()]
+        plot_path = args.plot or f"{Path(args.model).stem}.sigma.png"
+        plot_sigma_sweep({Path(args.model).stem: results}, plot_path, f"{Path(args.model).name} on {data.name}")
+        print(f"plot: {plot_path}")
+    if args.json:
+        write_json(report, args.json)
+        print(f"report: {args.json}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with about(args.model):
+        original = load_model(args.model)
+        model = pipeline.canonicalize(original)
+    shapes = tensor_shapes(model)
+    name, shape = model_io(model) if len(model.graph.input) == 1 else ("", [])
+    layers = analog_layers(model)
+    rows, report_layers = [], []
+    for layer in layers:
+        macs = macs_per_sample(model, layer, shapes)
+        tiles = layer.tiles(args.tile)
+        rows.append([layer.node, layer.op, layer.weight, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
+                     f"{macs:,}" if macs is not None else "?", f"{layer.rows}x{layer.cols}", tiles])
+        report_layers.append({"node": layer.node, "op": layer.op, "weight": layer.weight, "weight_shape": list(layer.weight_shape),
+                              "params": layer.params, "macs": macs, "crossbar": [layer.rows, layer.cols], "tiles": tiles})
+
+    def signature(values) -> list[str]:
+        return [f"{v.name} [{', '.join(str(d.dim_param or d.dim_value) for d in v.type.tensor_type.shape.dim)}]" for v in values]
+
+    print(f"{args.model}: opset {default_opset(original)} (canonical {default_opset(model)}), "
+          f"{len(original.graph.node)} nodes ({len(model.graph.node)} canonical), producer {original.producer_name or '?'}")
+    print(f"inputs:  {', '.join(signature(model.graph.input))}")
+    print(f"outputs: {', '.join(signature(model.graph.output))}")
+    if not rows:
+        print("analog layers: none (no Conv, Gemm or MatMul with a constant weight)")
+    else:
+        total_params = sum(layer.params for layer in layers)
+        total_macs = sum(r["macs"] or 0 for r in report_layers)
+        rows.append(["total", "", "", "", f"{total_params:,}", f"{total_macs:,}", "", sum(r["tiles"] for r in report_layers)])
+        print(f"analog layers ({len(layers)}, crossbar tiles of {args.tile}x{args.tile}):")
+        print(format_table(["layer", "op", "weight", "shape", "params", "MACs/sample", "rows x cols", "tiles"], rows, "llllrrrr"))
+    if args.json:
+        write_json({"model": str(args.model), "opset": default_opset(original), "input": {"name": name, "shape": shape},
+                    "tile": args.tile, "layers": report_layers}, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rrcompile", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="Monte Carlo accuracy of a model over simulated RRAM chips")
+    ev.add_argument("model", help="ONNX classifier")
+    ev.add_argument("--data", default="digits", help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | npz:FILE (default: digits)")
+    ev.add_argument("--split", default="test", choices=["test", "train"])
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ev.add_argument("--device", default="lognormal:sigma=0.5",
+                    help="device models, e.g. lognormal:sigma=0.5+read:eta=0.01, or a .json/.yaml device file")
+    ev.add_argument("--samples", type=int, default=100, help="simulated chips (Monte Carlo samples)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=500)
+    _add_preprocess(ev)
+    ev.add_argument("--sigma-sweep", help="also sweep log-normal sigma, e.g. 0,0.1,...,0.8, and plot it")
+    ev.add_argument("--plot", help="PNG path for --sigma-sweep (default: MODEL.sigma.png)")
+    ev.add_argument("--json", help="write the report as JSON")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(run=cmd_evaluate)
+
+    ins = sub.add_parser("inspect", help="list a model's analog layers, opset, inputs and outputs")
+    ins.add_argument("model")
+    ins.add_argument("--tile", type=int, default=128, help="crossbar tile size (rows = columns)")
+    ins.add_argument("--json", help="write the layer table as JSON")
+    ins.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def _add_preprocess(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input preprocessing: x = (pixels / scale - mean) / std")
+    group.add_argument("--scale", default="255")
+    group.add_argument("--mean", default="0", help="one value or a comma list per channel")
+    group.add_argument("--std", default="1", help="one value or a comma list per channel")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RRCompileError as exc:
+        print(f"rrcompile: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Device models: spec parsing, ONNX functions vs their numpy reference, and seeded statistics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run
+from onnx import TensorProto, helper, numpy_helper
+
+from rrcompile.devices import DEVICE_MODELS, LogNormalVariation, parse_device, parse_models
+from rrcompile.errors import DeviceSpecError
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET
+
+SPECS = {
+    "lognormal": "lognormal:sigma=0.4",
+    "programming": "programming:eta=0.05",
+    "read": "read:eta=0.03",
+    "quantize": "quantize:levels=7",
+    "stuck": "stuck:p_off=0.2,p_on=0.1",
+}
+
+
+def single_op_model(model, shape) -> onnx.ModelProto:
+    """A graph computing ``model`` on the weight input W (range R = max|W| computed in-graph)."""
+    inputs = ["W", "R"] if model.reads_range() else ["W"]
+    if model.noise is not None:
+        inputs.append("noise")
+    nodes = [helper.make_node("Abs", ["W"], ["A"]), helper.make_node("ReduceMax", ["A"], ["R"], keepdims=0),
+             helper.make_node(model.op_type, inputs, ["Y"], domain=RRCOMPILE_DOMAIN, **model.values)]
+    graph_inputs = [helper.make_tensor_value_info("W", TensorProto.FLOAT, shape)]
+    if model.noise is not None:
+        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, shape))
+    graph = helper.make_graph(nodes, "op", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET), helper.make_opsetid(RRCOMPILE_DOMAIN, 1)],
+                             functions=[type(model).function_proto()])
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_onnx_function_matches_numpy_reference(kind):
+    (model,) = parse_models(SPECS[kind])
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    noise = model.noise.draw(rng, w.shape) if model.noise else None
+    onnx_model = single_op_model(model, w.shape)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    feeds = {"noise": noise} if noise is not None else {}
+    got = run(onnx_model, w, **feeds)
+    expected = model.apply(w, float(np.abs(w).max()), noise)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert np.abs(got - w).max() > 1e-3  # the effect is really there
+
+
+def test_lognormal_log_ratio_has_mean_zero_and_std_sigma():
+    sigma = 0.5
+    model = LogNormalVariation(sigma=sigma)
+    rng = np.random.default_rng(0)
+    w = (rng.random((200, 250)) + 0.1).astype(np.float32) * np.where(rng.random((200, 250)) < 0.5, -1, 1).astype(np.float32)
+    varied = run(single_op_model(model, w.shape), w, noise=model.noise.draw(rng, w.shape))
+    log_ratio = np.log(varied / w)
+    n = log_ratio.size
+    # 5-sigma bounds of the sample mean (std sigma/sqrt n) and sample std (std ~ sigma/sqrt(2n))
+    assert abs(log_ratio.mean()) < 5 * sigma / np.sqrt(n)
+    assert abs(log_ratio.std() - sigma) < 5 * sigma / np.sqrt(2 * n)
+
+
+def test_stuck_at_fractions_and_quantize_levels():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 300)).astype(np.float32)
+    (stuck,) = parse_models("stuck:p_off=0.05,p_on=0.02")
+    y = run(single_op_model(stuck, w.shape), w, noise=stuck.noise.draw(rng, w.shape))
+    r = np.abs(w).max()
+    n = w.size
+    assert abs(np.mean(y == 0) - 0.05) < 5 * np.sqrt(0.05 * 0.95 / n)
+    assert abs(np.mean(np.isclose(np.abs(y), r)) - 0.02) < 5 * np.sqrt(0.02 * 0.98 / n)
+    (quant,) = parse_models("quantize:levels=16")
+    q = run(single_op_model(quant, w.shape), w)
+    assert len(np.unique(q)) <= 16 and np.abs(q - w).max() <= r / 15 + 1e-6
+
+
+def test_spec_parsing_orders_physically_and_rejects_bad_input():
+    models = parse_models("read:eta=0.01+lognormal:sigma=0.5+quantize:levels=8")
+    assert [m.kind for m in models] == ["quantize", "lognormal", "read"]
+    for bad, match in [("lognormal:sigma=-0.1", "sigma=-0.1 must be >= 0"), ("gaussian:sigma=1", "unknown device model 'gaussian'"),
+                       ("lognormal:mu=1", "bad parameter 'mu=1'"), ("lognormal:sigma=x", "not a number"),
+                       ("lognormal", "missing sigma"), ("quantize:levels=2.5", "integer"),
+                       ("stuck:p_off=0.7,p_on=0.6", "p_off \\+ p_on")]:
+        with pytest.raises(DeviceSpecError, match=match):
+            parse_models(bad)
+    assert set(DEVICE_MODELS) == set(SPECS)
+
+
+def test_device_file_sets_models_per_layer(tmp_path):
+    path = tmp_path / "chip.json"
+    path.write_text(json.dumps({"default": "lognormal:sigma=0.5",
+                                "layers": {"fc*": {"lognormal": {"sigma": 0.1}, "quantize": {"levels": 16}}, "conv1": "none"}}))
+    device = parse_device(str(path))
+    assert device.for_layer("conv2", "conv2.weight") == parse_models("lognormal:sigma=0.5")
+    assert [m.kind for m in device.for_layer("fc1", "fc1.weight")] == ["quantize", "lognormal"]
+    assert device.for_layer("conv1", "w") == []
+    yaml_path = tmp_path / "chip.yaml"
+    yaml_path.write_text("default:\n  - lognormal:sigma=0.3\n  - read:eta=0.01\n")
+    assert [m.kind for m in parse_device(str(yaml_path)).default] == ["lognormal", "read"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"default": "lognormal:sigma=-1"}')
+    with pytest.raises(DeviceSpecError, match="bad.json"):
+        parse_device(str(bad))
+    with pytest.raises(DeviceSpecError, match="not found"):
+        parse_device(str(tmp_path / "missing.yaml"))
+
+
+def test_with_sigma_replaces_every_lognormal():
+    device = parse_device("lognormal:sigma=0.5+read:eta=0.01")
+    assert [m.spec() for m in device.with_sigma(0.2).default] == ["lognormal:sigma=0.2", "read:eta=0.01"]
+    with pytest.raises(DeviceSpecError, match="needs a 'lognormal'"):
+        parse_device("read:eta=0.01").with_sigma(0.2)
