@@ -1,34 +1,87 @@
 """Monte Carlo evaluation: accuracy of a model over many simulated chips.
 
 One sample is one chip: the per-chip noise tensors are drawn once from the chip's own generator,
-``numpy.random.default_rng([seed, chip])``, and fed unchanged to every batch, so every image of a
-sample sees the same programmed weights and chip ``k`` is the same chip whatever ``--samples`` is.
-Read noise (per inference) comes from a second stream of the same chip, one draw per batch.
+``numpy.random.default_rng([seed, chip])``, so every image of a sample sees the same programmed
+weights and chip ``k`` is the same chip whatever ``--samples`` is. Read noise (per inference)
+comes from a second stream of the same chip, one draw per batch.
+
+A chip is *programmed* once, as the hardware is: the variation subgraph of the varied model (the
+``ai.rrcompile`` function chains) runs once on the chip's noise to give its weights, which then
+become constant initializers of a per-chip onnxruntime session. Constant weights let onnxruntime
+prepack them (NCHWc convolutions), which a weight fed as a run-time input forbids. With read
+noise the weights change on every run, so the varied graph itself runs every batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from tqdm import tqdm
 
 from rrcompile.data import batches, fit_to_input
 from rrcompile.devices import DeviceConfig, noise_inputs
 from rrcompile.errors import UnsupportedModelError
+from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, export_graph, import_graph
 from rrcompile.passes.insert_variation import InsertVariationPass
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
 
 
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # the noise inputs are unused at sigma = 0 ops; keep ORT quiet
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 3  # ORT warns about noise inputs a sigma=0 graph never reads
+    # a chip's session lives for one pass over the data: planning memory patterns on its first
+    # run costs more than the pattern saves (measured in bench/mc_throughput.py)
+    options.enable_mem_pattern = not short_lived
+    return options
+
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"])
+
+
+def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Split a varied model into (program, chip model).
+
+    ``program`` maps the per-chip noise inputs to every analog layer's programmed weight (its
+    outputs are named ``<layer>.programmed_weight``). ``chip model`` is the inference graph with
+    each of those as a float32 initializer (holding the target weight until a chip's is written).
+    """
+    layers = {n.name: n for n in varied.graph.node if n.op_type in ANALOG_OPS}
+    programmed = {n.input[1]: f"{name}.programmed_weight" for name, n in layers.items()
+                  if any(p.output[:1] == [n.input[1]] and p.domain == RRCOMPILE_DOMAIN for p in varied.graph.node)}
+    program = onnx.ModelProto.FromString(varied.SerializeToString())
+    graph = import_graph(program)
+    graph.inputs = [t for t in graph.inputs if t.name != data_input]
+    tensors = graph.tensors()
+    graph.outputs = [tensors[name] for name in programmed]
+    for tensor in graph.outputs:
+        tensor.name = programmed[tensor.name]
+        tensor.dtype, tensor.shape = np.float32, None
+    program = export_graph(graph, varied)
+
+    chip = onnx.ModelProto.FromString(varied.SerializeToString())
+    graph = import_graph(chip)
+    for node in graph.nodes:
+        if node.name in layers and node.inputs[1].name in programmed:
+            node.inputs[1] = gs.Constant(programmed[node.inputs[1].name], _target_weight(node.inputs[1]).values)
+    graph.inputs = [t for t in graph.inputs if t.name == data_input]
+    graph.functions = []
+    graph.import_domains = [d for d in graph.import_domains if d.domain != RRCOMPILE_DOMAIN]
+    return program, export_graph(graph, varied)
+
+
+def _target_weight(tensor: gs.Tensor) -> gs.Constant:
+    """The initializer at the start of a variation chain."""
+    while not isinstance(tensor, gs.Constant):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
 
 
 def model_io(model: onnx.ModelProto) -> tuple[str, list[int | str]]:
@@ -83,8 +136,15 @@ class MonteCarloEvaluator:
         self.batch_size = batch_size
         self.clean_session = make_session(model)
         self.varied_model = InsertVariationPass(device)(model).model
-        self.varied_session = make_session(self.varied_model)
         self.noise = noise_inputs(self.varied_model)
+        self.read_noise = [n for n in self.noise if n.noise.per == "inference"]
+        if self.read_noise:
+            self.varied_session = make_session(self.varied_model)
+        else:
+            program, self.chip_model = split_programming(self.varied_model, self.input_name)
+            self.program_session = make_session(program)
+            by_name = {t.name: t for t in self.chip_model.graph.initializer}
+            self.programmed_initializers = [by_name[o.name] for o in program.graph.output]
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         return fit_to_input(x, self.input_name, self.input_shape)
@@ -99,20 +159,28 @@ class MonteCarloEvaluator:
     def clean_accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
         return self._accuracy(self.clean_session, x, y)
 
-    def chip_feed(self, seed: int, chip: int) -> tuple[dict[str, np.ndarray], np.random.Generator]:
-        """The per-chip noise tensors of chip ``chip``, and the generator for its read noise."""
+    def chip_feed(self, seed: int, chip: int) -> dict[str, np.ndarray]:
+        """The per-chip noise tensors of chip ``chip`` of run ``seed``."""
         chip_rng = np.random.default_rng([seed, chip])
-        feed = {n.name: n.noise.draw(chip_rng, n.shape) for n in self.noise if n.noise.per == "chip"}
-        return feed, np.random.default_rng([seed, chip, 1])
+        return {n.name: n.noise.draw(chip_rng, n.shape) for n in self.noise if n.noise.per == "chip"}
 
     def chip_accuracy(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int) -> float:
-        feed, read_rng = self.chip_feed(seed, chip)
-        per_inference = [n for n in self.noise if n.noise.per == "inference"]
+        session, batch_feed = self.chip(seed, chip)
+        return self._accuracy(session, x, y, batch_feed)
 
-        def batch_feed() -> dict[str, np.ndarray]:
-            return {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in per_inference}}
-
-        return self._accuracy(self.varied_session, x, y, batch_feed)
+    def chip(self, seed: int, chip: int) -> tuple[ort.InferenceSession, Callable[[], dict[str, np.ndarray]]]:
+        """A session for one simulated chip, and the extra feed each of its runs needs."""
+        feed = self.chip_feed(seed, chip)
+        if self.read_noise:
+            read_rng = np.random.default_rng([seed, chip, 1])
+            return self.varied_session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
+        for initializer, weight in zip(self.programmed_initializers, self.program_session.run(None, feed)):
+            initializer.raw_data = weight.astype(np.float32, copy=False).tobytes()
+        # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
+        # the model's own initializer data, so an override gives wrong results
+        session = ort.InferenceSession(self.chip_model.SerializeToString(), _session_options(short_lived=True),
+                                       providers=["CPUExecutionProvider"])
+        return session, dict
 
     def chip_accuracies(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> list[float]:
         chips = tqdm(range(samples), desc=desc, unit="chip", disable=not progress, leave=False)
