@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = pipeline.canonicalize(load_model(args.model))
         evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
     data = load_data(args.data, args.split).subset(args.limit)
-    x = evaluator.prepare(preprocess.apply(data.x))
+    x = evaluator.prepare(preprocess.apply(data.x), data.name)
     progress = not args.quiet
 
     started = time.perf_counter()

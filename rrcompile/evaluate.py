@@ -146,8 +146,8 @@ class MonteCarloEvaluator:
             by_name = {t.name: t for t in self.chip_model.graph.initializer}
             self.programmed_initializers = [by_name[o.name] for o in program.graph.output]
 
-    def prepare(self, x: np.ndarray) -> np.ndarray:
-        return fit_to_input(x, self.input_name, self.input_shape)
+    def prepare(self, x: np.ndarray, data_name: str | None = None) -> np.ndarray:
+        return fit_to_input(x, self.input_name, self.input_shape, data_name=data_name)
 
     def _accuracy(self, session: ort.InferenceSession, x: np.ndarray, y: np.ndarray, extra=lambda: {}) -> float:
         correct = 0

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DIGITS_MODEL = REPO / "models" / "digits_cnn.onnx"
 
-# name -> (file, input batch shape at the model's own batch, preprocessing scale/mean/std)
+# name -> (file, input batch shape at the model's own batch)
 REAL_MODELS = {
     "mnist-8": ("mnist-8.onnx", (1, 1, 28, 28)),
     "lenet5_mnist": ("lenet5_mnist.onnx", (10, 1, 28, 28)),
