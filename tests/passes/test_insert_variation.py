@@ -67,3 +67,10 @@ def test_model_without_analog_layer_is_rejected():
     model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(UnsupportedModelError, match="no analog layer"):
         InsertVariationPass(parse_device("lognormal:sigma=0.5"))(model)
+
+
+@pytest.mark.shared
+def test_real_models_keep_outputs_with_all_variation_off(real_model):
+    name, original, x = real_model
+    varied = InsertVariationPass(parse_device(ALL_OFF))(canonicalize(original)).model
+    np.testing.assert_allclose(run(varied, x, **feed_chip(varied, 0)), run(original, x), atol=1e-5, rtol=0)
