@@ -1,7 +1,8 @@
 """InsertVariationPass: route every analog layer's weight through its device models.
 
 Rules:
-1. Requires a canonical model (target opset) with at least one analog layer, not yet varied.
+1. Requires a canonical model (target opset) with at least one analog layer, not yet varied; it
+   may already carry compensation candidates (they read the layer's input, not its weight).
 2. For each analog layer with a non-empty device stack (``DeviceConfig.for_layer``), the weight
    input is replaced by a chain of ``ai.rrcompile`` function calls in physical order
    (quantize -> lognormal -> programming -> stuck -> read), each named ``<layer>.<kind>``.
@@ -10,7 +11,7 @@ Rules:
 4. Each stochastic model reads a new float32 graph input ``<layer>.<kind>_noise`` shaped like the
    weight; the evaluator feeds it (standard normal or uniform), so one feed is one chip.
 5. Every function used is added once to ``model.functions`` and ``ai.rrcompile`` to the opset
-   imports, so stock onnxruntime runs the graph.
+   imports if missing, so stock onnxruntime runs the graph.
 With every model switched off (sigma = eta = p = 0) the outputs equal the input graph's exactly.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from rrcompile.devices import FUNCTION_OPSET, DeviceConfig, DeviceModel
+from rrcompile.devices import BY_OP_TYPE, FUNCTION_OPSET, DeviceConfig, DeviceModel
 from rrcompile.errors import UnsupportedModelError
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers
 from rrcompile.pass_manager import Pass, PassResult
@@ -32,8 +33,8 @@ class InsertVariationPass(Pass):
     def requires(self, model: onnx.ModelProto) -> None:
         if default_opset(model) != TARGET_OPSET:
             raise self.fail(f"expects a canonical model at opset {TARGET_OPSET}; run CanonicalizePass first")
-        if any(n.domain == RRCOMPILE_DOMAIN for n in model.graph.node):
-            raise self.fail("the model already contains ai.rrcompile ops")
+        if any(n.domain == RRCOMPILE_DOMAIN and n.op_type in BY_OP_TYPE for n in model.graph.node):
+            raise self.fail("the model already contains ai.rrcompile variation ops")
         if not analog_layers(model):
             raise UnsupportedModelError("no analog layer (Conv, Gemm or MatMul with a constant weight) in the model")
 
@@ -60,7 +61,8 @@ class InsertVariationPass(Pass):
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         model.functions.extend(cls.function_proto() for cls in used.values())
-        model.opset_import.append(helper.make_opsetid(RRCOMPILE_DOMAIN, FUNCTION_OPSET))
+        if not any(o.domain == RRCOMPILE_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(RRCOMPILE_DOMAIN, FUNCTION_OPSET))
         return PassResult(model, True)
 
     @staticmethod

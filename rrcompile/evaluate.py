@@ -26,7 +26,7 @@ from tqdm import tqdm
 from rrcompile.data import batches, fit_to_input
 from rrcompile.devices import DeviceConfig, noise_inputs
 from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, export_graph, import_graph
+from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, export_graph, import_graph, remove_unused_functions
 from rrcompile.passes.insert_variation import InsertVariationPass
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
@@ -71,10 +71,11 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     for node in graph.nodes:
         if node.name in layers and node.inputs[1].name in programmed:
             node.inputs[1] = gs.Constant(programmed[node.inputs[1].name], _target_weight(node.inputs[1]).values)
-    graph.inputs = [t for t in graph.inputs if t.name == data_input]
-    graph.functions = []
-    graph.import_domains = [d for d in graph.import_domains if d.domain != RRCOMPILE_DOMAIN]
-    return program, export_graph(graph, varied)
+    noise = {n.name for n in noise_inputs(varied)}
+    graph.inputs = [t for t in graph.inputs if t.name not in noise]
+    chip = export_graph(graph, varied)
+    remove_unused_functions(chip)  # the variation functions go; compensation functions stay
+    return program, chip
 
 
 def _target_weight(tensor: gs.Tensor) -> gs.Constant:
@@ -85,12 +86,32 @@ def _target_weight(tensor: gs.Tensor) -> gs.Constant:
 
 
 def model_io(model: onnx.ModelProto) -> tuple[str, list[int | str]]:
-    """Name and shape of a classifier's single data input."""
-    if len(model.graph.input) != 1:
-        names = ", ".join(i.name for i in model.graph.input)
-        raise UnsupportedModelError(f"expected one data input, found {len(model.graph.input)} ({names})")
-    vi = model.graph.input[0]
+    """Name and shape of a classifier's single data input.
+
+    An input backed by an initializer (a compensation gate) has a default value, so it is not data.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in inits]
+    if len(data) != 1:
+        names = ", ".join(i.name for i in data)
+        raise UnsupportedModelError(f"expected one data input, found {len(data)} ({names})")
+    vi = data[0]
     return vi.name, [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def session_accuracy(session: ort.InferenceSession, input_name: str, x: np.ndarray, y: np.ndarray, batch_size: int,
+                     extra: Callable[[], dict[str, np.ndarray]] = dict) -> float:
+    """Top-1 accuracy of a classifier session; ``extra()`` adds to each batch's feed (noise inputs)."""
+    correct = 0
+    for xb, yb in batches(x, y, batch_size):
+        logits = session.run(None, {input_name: xb, **extra()})[0]
+        correct += int(np.sum(np.argmax(logits.reshape(len(xb), -1), axis=1) == yb))
+    return correct / len(y)
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Clean top-1 accuracy of ``model`` on prepared inputs, through onnxruntime."""
+    return session_accuracy(make_session(model), model_io(model)[0], x, y, batch_size)
 
 
 @dataclasses.dataclass
@@ -149,12 +170,8 @@ class MonteCarloEvaluator:
     def prepare(self, x: np.ndarray, data_name: str | None = None) -> np.ndarray:
         return fit_to_input(x, self.input_name, self.input_shape, data_name=data_name)
 
-    def _accuracy(self, session: ort.InferenceSession, x: np.ndarray, y: np.ndarray, extra=lambda: {}) -> float:
-        correct = 0
-        for xb, yb in batches(x, y, self.batch_size):
-            logits = session.run(None, {self.input_name: xb, **extra()})[0]
-            correct += int(np.sum(np.argmax(logits.reshape(len(xb), -1), axis=1) == yb))
-        return correct / len(y)
+    def _accuracy(self, session: ort.InferenceSession, x: np.ndarray, y: np.ndarray, extra=dict) -> float:
+        return session_accuracy(session, self.input_name, x, y, self.batch_size, extra)
 
     def clean_accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
         return self._accuracy(self.clean_session, x, y)

@@ -1,12 +1,15 @@
 """The graph layer: onnx-graphsurgeon round trips, analog layers, and the networkx view.
 
 An *analog layer* is a Conv, Gemm or MatMul whose weight is a constant initializer: those are the
-matrix-vector products a crossbar executes, so they are the only places where weights vary.
+matrix-vector products a crossbar executes, so they are the only places where weights vary. In a
+varied model the weight reaches the layer through a chain of ``ai.rrcompile`` ops that starts at
+that initializer, and the layer is still analog.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 import networkx as nx
 import numpy as np
 import onnx
@@ -74,15 +77,20 @@ class AnalogLayer:
 
 
 def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
-    """Every analog layer in graph order."""
+    """Every analog layer in graph order; ``weight`` is the target initializer, also in a varied model."""
     inits = {t.name: t for t in model.graph.initializer}
+    # each op of a variation chain takes the weight it varies as its first input
+    varied_from = {out: n.input[0] for n in model.graph.node if n.domain == RRCOMPILE_DOMAIN for out in n.output}
     layers = []
     for node in model.graph.node:
-        if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
-        if len(node.input) < 2 or node.input[1] not in inits:
+        weight = node.input[1]
+        while weight in varied_from:
+            weight = varied_from[weight]
+        if weight not in inits:
             continue
-        shape = tuple(inits[node.input[1]].dims)
+        shape = tuple(inits[weight].dims)
         if node.op_type == "Conv":
             rows, cols = int(np.prod(shape[1:])), shape[0]
         elif node.op_type == "Gemm" and _int_attr(node, "transB"):
@@ -90,8 +98,23 @@ def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
         else:
             rows, cols = shape[0], int(np.prod(shape[1:]))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        layers.append(AnalogLayer(node.name, node.op_type, node.input[1], bias, shape, rows, cols))
+        layers.append(AnalogLayer(node.name, node.op_type, weight, bias, shape, rows, cols))
     return layers
+
+
+def keep_where(field, predicate: Callable[[Any], bool]) -> None:
+    """Keep only the items of a repeated protobuf ``field`` (nodes, inputs, ...) that satisfy ``predicate``."""
+    kept = [item for item in field if predicate(item)]
+    del field[:]
+    field.extend(kept)
+
+
+def remove_unused_functions(model: onnx.ModelProto) -> None:
+    """Drop model-local functions no node calls, and the ``ai.rrcompile`` import once nothing uses it."""
+    called = {(n.domain, n.op_type) for n in model.graph.node}
+    keep_where(model.functions, lambda f: (f.domain, f.name) in called)
+    if not any(domain == RRCOMPILE_DOMAIN for domain, _ in called):
+        keep_where(model.opset_import, lambda o: o.domain != RRCOMPILE_DOMAIN)
 
 
 def _int_attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:

@@ -1,13 +1,17 @@
-"""Shared test helpers: onnxruntime runner, the quirk graphs, and the real models in ../shared."""
+"""Shared test helpers: onnxruntime runner, compensation feeds, and the real models in ../shared."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
+
+from rrcompile.compensation import candidates
 
 sys.path.insert(0, str(Path(__file__).parent))  # for graph_builders
 
@@ -26,6 +30,22 @@ REAL_MODELS = {
 def run(model: onnx.ModelProto, x: np.ndarray, **extra: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x, **extra})[0]
+
+
+def gates(model: onnx.ModelProto, value: float, layers: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """A feed setting the compensation gates of ``layers`` (default: every candidate) to ``value``."""
+    return {c.gate: np.array(value, np.float32) for c in candidates(model) if layers is None or c.layer in layers}
+
+
+def with_up_weights(model: onnx.ModelProto, seed: int = 0, scale: float = 0.5) -> onnx.ModelProto:
+    """A copy of a compensated model whose zero-initialized up weights are random, so candidates act."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    ups = {c.up for c in candidates(model)}
+    rng = np.random.default_rng(seed)
+    for tensor in model.graph.initializer:
+        if tensor.name in ups:
+            tensor.CopyFrom(numpy_helper.from_array((rng.standard_normal(tuple(tensor.dims)) * scale).astype(np.float32), tensor.name))
+    return model
 
 
 def shared_path(*parts: str) -> Path:

@@ -73,4 +73,6 @@ def test_model_without_analog_layer_is_rejected():
 def test_real_models_keep_outputs_with_all_variation_off(real_model):
     name, original, x = real_model
     varied = InsertVariationPass(parse_device(ALL_OFF))(canonicalize(original)).model
-    np.testing.assert_allclose(run(varied, x, **feed_chip(varied, 0)), run(original, x), atol=1e-5, rtol=0)
+    # rtol: a weight computed at run time rules out onnxruntime's constant-weight optimizations
+    # (prepacking), whose kernels round differently (cifar10_winml's logits near 20 differ by ~1e-5)
+    np.testing.assert_allclose(run(varied, x, **feed_chip(varied, 0)), run(original, x), atol=1e-5, rtol=1e-6)

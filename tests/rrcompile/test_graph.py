@@ -1,10 +1,12 @@
-"""The networkx view: per-layer attributes the RL agent walks."""
+"""Analog layers (also in a varied model) and the networkx view: per-layer attributes the RL agent walks."""
 from __future__ import annotations
 
 import networkx as nx
 from graph_builders import QUIRK_MODELS
 
+from rrcompile.devices import parse_device
 from rrcompile.graph import analog_layers, to_networkx
+from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.pipeline import canonicalize
 
 
@@ -27,3 +29,10 @@ def test_crossbar_tiles_follow_gemm_orientation():
     gemm = next(layer for layer in analog_layers(model) if layer.weight == "W2")
     assert (gemm.rows, gemm.cols) == (48, 6)  # transB=1: weight stored [out, in]
     assert gemm.tiles(32) == 2 and gemm.tiles(128) == 1
+
+
+def test_analog_layers_see_through_variation_chains():
+    model = canonicalize(QUIRK_MODELS["torch_fixed_batch_softmax"]()[0])
+    varied = InsertVariationPass(parse_device("quantize:levels=8+lognormal:sigma=0.5"))(model).model
+    assert analog_layers(varied) == analog_layers(model)  # same layers, weight = the target initializer
+    assert next(n for n in varied.graph.node if n.name == "Gemm_5").input[1] == "Gemm_5.lognormal"
