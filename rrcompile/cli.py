@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from rrcompile import pipeline
-from rrcompile.data import Preprocess, load_data
+from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
-from rrcompile.errors import DeviceSpecError, RRCompileError
+from rrcompile.errors import DeviceSpecError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
 from rrcompile.graph import analog_layers, macs_per_sample, tensor_shapes
 from rrcompile.io import load_model
@@ -113,7 +114,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         original = load_model(args.model)
         model = pipeline.canonicalize(original)
     shapes = tensor_shapes(model)
-    name, shape = model_io(model) if len(model.graph.input) == 1 else ("", [])
+    try:
+        name, shape = model_io(model)
+    except UnsupportedModelError:  # several data inputs: inspect still lists them below
+        name, shape = "", []
     layers = analog_layers(model)
     rows, report_layers = [], []
     for layer in layers:
@@ -145,6 +149,70 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from rrcompile.finetune import FinetuneConfig, finetune
+    from rrcompile.io import save_model
+    from rrcompile.lipschitz import FORMS, LipschitzPenalty
+
+    if args.lipschitz < 0:
+        raise DeviceSpecError(f"--lipschitz {args.lipschitz:g}: beta must be >= 0")
+    if args.lipschitz_form not in FORMS:
+        raise DeviceSpecError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
+    if args.epochs < 1 or not 0 < args.val_fraction < 1:
+        raise DeviceSpecError("--epochs must be >= 1 and --val-fraction in (0, 1)")
+    config = FinetuneConfig(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction,
+        patience=args.patience, seed=args.seed,
+        lipschitz=LipschitzPenalty(args.lipschitz, args.lipschitz_form, args.lipschitz_target) if args.lipschitz else None,
+        noise_injection=parse_device(args.noise_injection) if args.noise_injection else None,
+        validation_device=None if args.device == "none" else parse_device(args.device),
+        validation_chips=args.validation_chips,
+    )
+    preprocess = Preprocess.parse(args.scale, args.mean, args.std)
+    with about(args.model):
+        model = pipeline.canonicalize(load_model(args.model))
+        input_name, input_shape = model_io(model)
+    data = load_data(args.data, "train").subset(args.limit)
+    x = fit_to_input(preprocess.apply(data.x), input_name, input_shape, data_name=data.name)
+
+    started = time.perf_counter()
+    result = finetune(model, x, data.y, config, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    save_model(result.model, args.output)
+
+    method = " + ".join(filter(None, [
+        f"Lipschitz {args.lipschitz_form} beta={args.lipschitz:g}" if config.lipschitz else "",
+        f"noise injection {config.noise_injection.describe()}" if config.noise_injection else "",
+    ])) or "plain"
+    print(f"{args.model}: fine-tuned on {data.name} ({len(data.y)} train images, {args.val_fraction:g} held out), "
+          f"{method}, seed {args.seed}, {elapsed:.1f} s")
+    varied_label = f"val acc ({config.validation_chips} chips)" if config.validation_device else "val acc (varied)"
+    print(format_table(["epoch", "loss", "penalty", "val acc (clean)", varied_label], [
+        [f"{log.epoch}{' *' if log.epoch == result.best_epoch else ''}",
+         "-" if log.loss is None else f"{log.loss:.4f}", "-" if log.penalty is None else f"{log.penalty:.4f}",
+         percent(log.clean_val), "-" if log.varied_val is None else percent(log.varied_val)]
+        for log in result.history
+    ]))
+    before, after = result.spectral_before, result.spectral_after
+    print("\nspectral norm per analog layer (power iteration)")
+    print(format_table(["layer", "before", "after"], [
+        *([name, f"{before.norms[name]:.3f}", f"{after.norms[name]:.3f}"] for name in before.norms),
+        ["product", f"{before.product:.3f}", f"{after.product:.3f}"],
+    ], "lrr"))
+    print(f"model: {args.output} (epoch {result.best_epoch} kept)")
+    if args.json:
+        write_json({
+            "model": str(args.model), "output": str(args.output), "data": data.name, "train_images": len(data.y),
+            "method": method, "config": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+            "best_epoch": result.best_epoch, "seconds": elapsed,
+            "history": [dataclasses.asdict(log) for log in result.history],
+            "spectral_norms": {"before": before.norms, "after": after.norms,
+                               "product_before": before.product, "product_after": after.product},
+        }, args.json)
+        print(f"report: {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrcompile", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the report as JSON")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(run=cmd_evaluate)
+
+    ft = sub.add_parser("finetune", help="fine-tune with Lipschitz regularization and/or noise injection")
+    ft.add_argument("model", help="ONNX classifier")
+    ft.add_argument("--data", default="digits", help="data spec; its train split is used (default: digits)")
+    ft.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    ft.add_argument("-o", "--output", required=True, help="fine-tuned ONNX model to write")
+    ft.add_argument("--lipschitz", type=float, default=0.0, metavar="BETA", help="penalty weight (0: off)")
+    ft.add_argument("--lipschitz-form", default="orthogonal", help="orthogonal (||W W^T - I||_F^2) or spectral (hinge)")
+    ft.add_argument("--lipschitz-target", type=float, default=1.0, help="spectral form: norm left unpenalized")
+    ft.add_argument("--noise-injection", metavar="SPEC", help="train on a fresh chip of this device per mini-batch")
+    ft.add_argument("--device", default="lognormal:sigma=0.5",
+                    help="device the validation chips simulate to pick the epoch to keep ('none': clean accuracy)")
+    ft.add_argument("--validation-chips", type=int, default=4)
+    ft.add_argument("--epochs", type=int, default=5)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--batch-size", type=int, default=128)
+    ft.add_argument("--val-fraction", type=float, default=0.1)
+    ft.add_argument("--patience", type=int, default=2, help="epochs without a better one before stopping")
+    ft.add_argument("--seed", type=int, default=0)
+    _add_preprocess(ft)
+    ft.add_argument("--json", help="write the training report as JSON")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.set_defaults(run=cmd_finetune)
 
     ins = sub.add_parser("inspect", help="list a model's analog layers, opset, inputs and outputs")
     ins.add_argument("model")

@@ -75,6 +75,9 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     graph.inputs = [t for t in graph.inputs if t.name not in noise]
     chip = export_graph(graph, varied)
     remove_unused_functions(chip)  # the variation functions go; compensation functions stay
+    # graphsurgeon drops initializer-backed inputs (compensation gates); a chip must still take them
+    listed = {i.name for i in chip.graph.input}
+    chip.graph.input.extend(i for i in varied.graph.input if i.name not in noise and i.name not in listed)
     return program, chip
 
 
@@ -156,12 +159,14 @@ class MonteCarloEvaluator:
         self.input_name, self.input_shape = model_io(model)
         self.batch_size = batch_size
         self.clean_session = make_session(model)
-        self.varied_model = InsertVariationPass(device)(model).model
+        varied = InsertVariationPass(device)(model)
+        self.varied_model = varied.model
         self.noise = noise_inputs(self.varied_model)
         self.read_noise = [n for n in self.noise if n.noise.per == "inference"]
+        self.exact = not varied.modified  # no layer has a device model: every chip is the clean model
         if self.read_noise:
             self.varied_session = make_session(self.varied_model)
-        else:
+        elif not self.exact:
             program, self.chip_model = split_programming(self.varied_model, self.input_name)
             self.program_session = make_session(program)
             by_name = {t.name: t for t in self.chip_model.graph.initializer}
@@ -187,6 +192,8 @@ class MonteCarloEvaluator:
 
     def chip(self, seed: int, chip: int) -> tuple[ort.InferenceSession, Callable[[], dict[str, np.ndarray]]]:
         """A session for one simulated chip, and the extra feed each of its runs needs."""
+        if self.exact:
+            return self.clean_session, dict
         feed = self.chip_feed(seed, chip)
         if self.read_noise:
             read_rng = np.random.default_rng([seed, chip, 1])

@@ -103,6 +103,7 @@ class SpectralReport:
     def of(cls, layers: Iterable[tuple[AnalogLayer, torch.Tensor | np.ndarray]]) -> SpectralReport:
         norms = {}
         for layer, weight in layers:
-            matrix = weight_matrix(layer, torch.as_tensor(weight, dtype=torch.float64))
+            tensor = torch.from_numpy(np.array(weight)) if isinstance(weight, np.ndarray) else weight.detach()
+            matrix = weight_matrix(layer, tensor.to(torch.float64))
             norms[layer.node] = float(spectral_norm(matrix)[0])
         return cls(norms)

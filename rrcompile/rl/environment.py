@@ -1,0 +1,162 @@
+"""The compensation-selection environment: keep or drop each candidate, scored on fixed chips.
+
+An episode visits the compensation candidates in topological order of the networkx view; at each
+the agent keeps (1) or drops (0) it. The reward, given once at the end, is
+
+    mean validation accuracy over a fixed set of simulated chips  -  lambda * overhead
+
+with ``overhead`` the kept candidates' digital weights over the analog weights (0.03 = 3 %). The
+chips are drawn once (seeded) and reused for every configuration, so configurations are compared
+on the same hardware and the reward of a configuration is deterministic; it is computed once and
+cached. The candidates' gates switch them on and off inside one onnxruntime graph per chip.
+
+The state of step ``t`` describes candidate ``t`` and the decisions so far (see ``FEATURES``):
+the layer's depth, op, parameter count, MACs and spectral norm, its measured sensitivity (the
+accuracy drop when only this layer varies), the feature-map error at its output with every layer
+up to it varied, the candidate's cost, and the overhead already spent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rrcompile.compensation import Candidate, candidates
+from rrcompile.devices import DeviceConfig
+from rrcompile.evaluate import MonteCarloEvaluator, make_session, model_io, session_accuracy
+from rrcompile.graph import analog_layers, to_networkx
+from rrcompile.lipschitz import SpectralReport
+
+FEATURES = ("position", "depth", "is_conv", "log_params", "log_macs", "spectral_norm", "sensitivity",
+            "feature_error", "cost", "spent")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProfile:
+    """What the agent knows about one candidate's layer before choosing."""
+
+    layer: str
+    depth: int
+    op: str
+    params: int
+    macs: int
+    spectral_norm: float
+    sensitivity: float  # clean accuracy minus mean accuracy with only this layer varied
+    feature_error: float  # ||varied - clean|| / ||clean|| at the layer output, every layer up to it varied
+    candidate: Candidate
+
+
+class CompensationEnv:
+    """Rewards of keep/drop configurations of ``model``'s compensation candidates under ``device``."""
+
+    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray, *,
+                 chips: int = 8, seed: int = 0, overhead_weight: float = 1.0, batch_size: int = 500):
+        self.x, self.y = x, y
+        self.overhead_weight = overhead_weight
+        self.input_name = model_io(model)[0]
+        self.candidates = _topological(model, candidates(model))
+        self.analog_weights = sum(layer.params for layer in analog_layers(model))
+        self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)
+        self.chips, self.seed = chips, seed
+        # without read noise a chip is a fixed session: build each once for all configurations
+        self._chip_sessions = None if self.evaluator.read_noise else [self.evaluator.chip(seed, c) for c in range(chips)]
+        self._rewards: dict[tuple[int, ...], tuple[float, float]] = {}
+        all_off = self.gates(tuple(0 for _ in self.candidates))
+        self.profiles = _profiles(model, device, self.candidates, x, y, chips, seed, all_off, batch_size)
+
+    @property
+    def steps(self) -> int:
+        return len(self.candidates)
+
+    def gates(self, keep: Sequence[int]) -> dict[str, np.ndarray]:
+        return {c.gate: np.array(float(k), dtype=np.float32) for c, k in zip(self.candidates, keep)}
+
+    def overhead(self, keep: Sequence[int]) -> float:
+        return sum(c.weights for c, k in zip(self.candidates, keep) if k) / self.analog_weights
+
+    def accuracy(self, keep: Sequence[int]) -> float:
+        """Mean accuracy over the fixed chips with the candidates ``keep`` switched on."""
+        return self._score(tuple(int(k) for k in keep))[0]
+
+    def reward(self, keep: Sequence[int]) -> float:
+        return self._score(tuple(int(k) for k in keep))[1]
+
+    def _score(self, keep: tuple[int, ...]) -> tuple[float, float]:
+        if keep not in self._rewards:
+            accuracy = _mean_chip_accuracy(self.evaluator, self.x, self.y, self.chips, self.seed, self.gates(keep),
+                                           self._chip_sessions)
+            self._rewards[keep] = (accuracy, accuracy - self.overhead_weight * self.overhead(keep))
+        return self._rewards[keep]
+
+    def state(self, step: int, keep: Sequence[int]) -> np.ndarray:
+        """Features of candidate ``step`` given the decisions ``keep[:step]`` (in ``FEATURES`` order)."""
+        profile = self.profiles[step]
+        max_depth = max(p.depth for p in self.profiles) or 1
+        return np.array([
+            step / max(1, self.steps - 1),
+            profile.depth / max_depth,
+            float(profile.op == "Conv"),
+            math.log10(1 + profile.params) / 7,
+            math.log10(1 + profile.macs) / 9,
+            profile.spectral_norm / max(p.spectral_norm for p in self.profiles),
+            profile.sensitivity * 10,
+            profile.feature_error,
+            profile.candidate.weights / self.analog_weights * 10,
+            self.overhead(list(keep[:step]) + [0] * (self.steps - step)) * 10,
+        ], dtype=np.float32)
+
+
+def _topological(model: onnx.ModelProto, found: list[Candidate]) -> list[Candidate]:
+    order = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(to_networkx(model)))}
+    return sorted(found, key=lambda c: order[c.layer])
+
+
+def _mean_chip_accuracy(evaluator: MonteCarloEvaluator, x, y, chips: int, seed: int, fixed: dict[str, np.ndarray],
+                        sessions: list | None = None) -> float:
+    """Mean accuracy over chips ``0..chips-1`` of ``seed``, with ``fixed`` added to every feed (the gates)."""
+    accuracies = []
+    for chip in range(chips):
+        session, feed = sessions[chip] if sessions else evaluator.chip(seed, chip)
+        accuracies.append(session_accuracy(session, evaluator.input_name, x, y, evaluator.batch_size,
+                                           lambda: {**feed(), **fixed}))
+    return float(np.mean(accuracies))
+
+
+def _profiles(model, device, found, x, y, chips, seed, all_off, batch_size) -> list[LayerProfile]:
+    """Per-candidate layer features, measured with every compensation switched off."""
+    view = to_networkx(model)
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    norms = SpectralReport.of([(layers[c.layer], weights[layers[c.layer].weight]) for c in found]).norms
+    clean_accuracy = session_accuracy(make_session(model), model_io(model)[0], x, y, batch_size, lambda: all_off)
+    errors = _feature_errors(model, device, found, x[:256], chips, seed, all_off)
+    profiles = []
+    for candidate in found:
+        layer = layers[candidate.layer]
+        alone = DeviceConfig([], {layer.node: device.for_layer(layer.node, layer.weight)})
+        varied = _mean_chip_accuracy(MonteCarloEvaluator(model, alone, batch_size=batch_size), x, y, chips, seed, all_off)
+        attrs = view.nodes[candidate.layer]
+        profiles.append(LayerProfile(candidate.layer, attrs["depth"], attrs["op"], attrs["params"], attrs["macs"] or 0,
+                                     norms[candidate.layer], clean_accuracy - varied, errors[candidate.layer], candidate))
+    return profiles
+
+
+def _feature_errors(model, device, found, x, chips, seed, all_off) -> dict[str, float]:
+    """Relative L2 error of each candidate layer's output over ``chips`` chips, every layer varied."""
+    probed = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {c.layer: next(n.output[0] for n in model.graph.node if n.name == c.node) for c in found}
+    probed.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs.values())
+    evaluator = MonteCarloEvaluator(probed, device)
+    feed = {evaluator.input_name: x, **all_off}
+    clean = make_session(probed).run(None, feed)[1:]
+    errors = np.zeros(len(found))
+    for chip in range(chips):
+        session, chip_feed = evaluator.chip(seed, chip)
+        varied = session.run(None, {**feed, **chip_feed()})[1:]
+        errors += [np.linalg.norm(v - c) / max(np.linalg.norm(c), 1e-12) for v, c in zip(varied, clean)]
+    return dict(zip(outputs, errors / chips))

@@ -1,0 +1,58 @@
+"""The selection environment: deterministic rewards on fixed chips, gates as the only switch."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DIGITS_MODEL, with_up_weights
+
+from rrcompile.data import load_data
+from rrcompile.devices import parse_device
+from rrcompile.evaluate import MonteCarloEvaluator
+from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
+from rrcompile.pipeline import canonicalize
+from rrcompile.rl.environment import FEATURES, CompensationEnv
+
+DEVICE = "lognormal:sigma=0.5"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = canonicalize(onnx.load(str(DIGITS_MODEL)))
+    compensated = with_up_weights(InsertCompensationCandidatesPass(budget=0.05)(model).model, seed=3)
+    data = load_data("digits").subset(200)
+    return model, compensated, data.x / np.float32(255), data.y
+
+
+def test_reward_is_deterministic_for_a_seed_and_differs_across_configurations(setup):
+    _, compensated, x, y = setup
+    first = CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=3, seed=5)
+    second = CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=3, seed=5)
+    configs = list(itertools.product([0, 1], repeat=first.steps))
+    rewards = [first.reward(keep) for keep in configs]
+    assert rewards == [second.reward(keep) for keep in configs]
+    assert len(set(rewards)) > 1
+
+
+def test_all_gates_off_scores_the_uncompensated_model_on_the_same_chips(setup):
+    model, compensated, x, y = setup
+    env = CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=3, seed=5, overhead_weight=2.0)
+    plain = MonteCarloEvaluator(model, parse_device(DEVICE)).chip_accuracies(x, y, samples=3, seed=5, progress=False)
+    off = (0,) * env.steps
+    assert env.accuracy(off) == pytest.approx(float(np.mean(plain)), abs=1e-12)
+    on = (1,) * env.steps
+    assert 0 < env.overhead(on) <= 0.05 * 1.0001
+    assert env.reward(on) == pytest.approx(env.accuracy(on) - 2.0 * env.overhead(on))
+
+
+def test_profiles_and_states_describe_each_layer(setup):
+    _, compensated, x, y = setup
+    env = CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=2)
+    assert [p.layer for p in env.profiles] == ["conv1", "conv2", "fc1", "fc2"]
+    assert all(p.feature_error > 0 and p.spectral_norm > 0 for p in env.profiles)
+    assert [p.depth for p in env.profiles] == sorted(p.depth for p in env.profiles)
+    state = env.state(2, [1, 1, 0, 0])
+    assert state.shape == (len(FEATURES),) and np.isfinite(state).all()
+    assert state[FEATURES.index("spent")] > 0 == env.state(0, [0, 0, 0, 0])[FEATURES.index("spent")]
