@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper
 
 from rrcompile.errors import DeviceSpecError
@@ -78,6 +79,10 @@ class DeviceModel(abc.ABC):
     @abc.abstractmethod
     def apply(self, w: np.ndarray, w_range: float, noise: np.ndarray | None) -> np.ndarray:
         """Numpy reference of the function, used to test the ONNX and torch versions."""
+
+    @abc.abstractmethod
+    def apply_torch(self, w: "torch.Tensor", w_range: "torch.Tensor | None", noise: "torch.Tensor | None") -> "torch.Tensor":
+        """The same function in torch, differentiable in ``w``, for variation-aware training."""
 
     @classmethod
     def reads_range(cls) -> bool:
@@ -140,6 +145,9 @@ class LogNormalVariation(DeviceModel):
     def apply(self, w, w_range, noise):
         return w * np.exp(np.float32(self.values["sigma"]) * noise)
 
+    def apply_torch(self, w, w_range, noise):
+        return w * torch.exp(noise * self.values["sigma"])
+
 
 class _AdditiveNoise(DeviceModel):
     params = ("eta",)
@@ -158,6 +166,9 @@ class _AdditiveNoise(DeviceModel):
 
     def apply(self, w, w_range, noise):
         return w + noise * (np.float32(w_range) * np.float32(self.values["eta"]))
+
+    def apply_torch(self, w, w_range, noise):
+        return w + noise * (w_range * self.values["eta"])
 
 
 class ProgrammingNoise(_AdditiveNoise):
@@ -229,6 +240,12 @@ class Quantize(DeviceModel):
         level = np.clip(np.round((w + r) / delta), 0, levels - 1)
         return level * delta - r
 
+    def apply_torch(self, w, w_range, noise):
+        levels = self.values["levels"]
+        delta = torch.clamp_min(w_range * 2.0 / (levels - 1), 1e-30)
+        level = torch.clamp(torch.round((w + w_range) / delta), 0, levels - 1)
+        return level * delta - w_range
+
 
 class StuckAtFault(DeviceModel):
     """Stuck-at faults: a fraction ``p_off`` of cells stuck at zero conductance (weight 0) and
@@ -267,6 +284,12 @@ class StuckAtFault(DeviceModel):
         on_value = np.where(w < 0, -r, r)
         y = np.where(noise >= np.float32(1) - np.float32(self.values["p_on"]), on_value, w)
         return np.where(noise < np.float32(self.values["p_off"]), np.float32(0), y).astype(w.dtype)
+
+    def apply_torch(self, w, w_range, noise):
+        on_value = torch.where(w < 0, -w_range, w_range)
+        one, p_on = (torch.tensor(v, dtype=torch.float32) for v in (1.0, self.values["p_on"]))
+        y = torch.where(noise >= one - p_on, on_value, w)  # the threshold in float32, as in ONNX
+        return torch.where(noise < self.values["p_off"], torch.zeros_like(w), y)
 
 
 DEVICE_MODELS: dict[str, type[DeviceModel]] = {
