@@ -11,6 +11,7 @@ The ``ai.rrcompile`` ops run through the device models' own torch versions
 (``DeviceModel.apply_torch``) and the compensation formulas. Noise inputs of a varied model are
 either fed (then torch and onnxruntime agree on the same draws) or, when not fed, drawn inside
 ``forward`` from the module's seeded generator: one draw per call, i.e. one chip per mini-batch.
+Initializer-backed inputs (compensation gates) can be overridden by the same feed.
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def gather(inputs: list, attrs: dict) -> list:
     axis = attrs.get("axis", 0) % data.dim()
     index = torch.where(index < 0, index + data.shape[axis], index)
     picked = torch.index_select(data, axis, index.reshape(-1))
-    return [picked.reshape(*data.shape[:axis], *index.shape, *data.shape[axis + 1:])]
+    return [picked.reshape((*data.shape[:axis], *index.shape, *data.shape[axis + 1:]))]
 
 
 def shape(inputs: list, attrs: dict) -> list:
@@ -396,12 +397,17 @@ class TorchGraph(torch.nn.Module):
                 draws[name] = torch.rand(noise.shape, generator=self.generator, device=device)
         return draws
 
-    def forward(self, x: Tensor, noise: dict[str, Tensor] | None = None, outputs: Sequence[str] | None = None):
-        """The first graph output, or a dict of the tensors named in ``outputs``."""
+    def forward(self, x: Tensor, feed: dict[str, Tensor] | None = None, outputs: Sequence[str] | None = None):
+        """The first graph output, or a dict of the tensors named in ``outputs``.
+
+        ``feed`` overrides graph inputs or initializers by name: noise draws (those not fed are
+        drawn from the module's generator), compensation gates.
+        """
         values: dict[str, Tensor] = {name: self.tensor(name) for name in self._slots}
         values[self.input_name] = x
-        if self.noise:
-            values.update(noise if noise is not None else self._draw(x.device))
+        if self.noise and not set(self.noise) <= set(feed or {}):
+            values.update(self._draw(x.device))
+        values.update(feed or {})
         for node, attrs in zip(self.nodes, self.attributes):
             results = OPS[_op_key(node)]([values[i] if i else None for i in node.input], attrs)
             values.update(zip(node.output, results))

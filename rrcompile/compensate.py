@@ -1,0 +1,79 @@
+"""Training the compensation branches: analog weights frozen, a fresh chip for every mini-batch.
+
+Only the candidates' down and up weights learn. Each step draws a new chip of the device (the
+noise inputs of the varied graph, sampled in torch), runs the compensated network on it, and
+minimizes
+
+    cross-entropy(logits)  +  feature_weight * sum_l ||Y_l - Y_l*||^2 / ||Y_l*||^2
+
+where ``Y_l`` is candidate ``l``'s compensated output on the varied chip and ``Y_l*`` the same
+layer's output in the clean network without compensation: the term pulls every compensated
+feature map toward the one the hardware should have produced, so each candidate learns to repair
+its own layer (which the RL agent can then keep or drop on its own), while the task loss keeps
+the whole network right.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+from rrcompile.compensation import candidates
+from rrcompile.devices import DeviceConfig
+from rrcompile.finetune import logits_model
+from rrcompile.passes.insert_variation import InsertVariationPass
+from rrcompile.torch_graph import TorchGraph, default_device, write_back
+
+
+@dataclasses.dataclass
+class CompensationConfig:
+    epochs: int = 2
+    lr: float = 3e-3
+    batch_size: int = 128
+    feature_weight: float = 1.0
+    seed: int = 0
+
+
+def train_compensation(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray,
+                       config: CompensationConfig, *, progress: bool = True) -> tuple[onnx.ModelProto, list[float]]:
+    """(``model`` with trained compensation weights, mean loss per epoch); ``model`` holds candidates."""
+    found = candidates(model)
+    if not found:
+        return model, []
+    torch.manual_seed(config.seed)
+    target = default_device()
+    training = logits_model(model)
+    trainable = [name for c in found for name in (c.down, c.up)]
+    varied = TorchGraph(InsertVariationPass(device)(training).model, trainable=trainable).to(target)
+    varied.seed(config.seed)
+    clean = TorchGraph(training, trainable=[]).to(target)
+    gates_off = {c.gate: torch.zeros((), device=target) for c in found}
+    maps = [next(n.output[0] for n in model.graph.node if n.name == c.node) for c in found]
+    optimizer = torch.optim.Adam([varied.parameter(name) for name in trainable], lr=config.lr)
+    rng = np.random.default_rng([config.seed, 0xC0])
+    history = []
+    epochs = tqdm(range(config.epochs), desc="compensation", unit="epoch", disable=not progress, leave=False)
+    for _ in epochs:
+        order = rng.permutation(len(y))
+        losses = []
+        for start in tqdm(range(0, len(order), config.batch_size), unit="batch", disable=not progress, leave=False):
+            index = order[start:start + config.batch_size]
+            xb = torch.from_numpy(x[index]).to(target)
+            yb = torch.from_numpy(y[index]).to(target)
+            with torch.no_grad():
+                reference = clean(xb, gates_off, outputs=maps)
+            result = varied(xb, outputs=[varied.output_names[0], *maps])
+            loss = torch.nn.functional.cross_entropy(result[varied.output_names[0]].reshape(len(index), -1), yb)
+            for name in maps:
+                loss = loss + config.feature_weight * ((result[name] - reference[name]) ** 2).sum() \
+                    / (reference[name] ** 2).sum().clamp_min(1e-12)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        history.append(float(np.mean(losses)))
+        epochs.set_postfix(loss=f"{history[-1]:.4f}")
+    return write_back(varied, model), history
