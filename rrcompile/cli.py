@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from rrcompile import pipeline
+from rrcompile.compensate import CompensationConfig
+from rrcompile.compensation import candidates
 from rrcompile.data import Preprocess, fit_to_input, load_data
+from rrcompile.deploy import HardwareReport, deploy
 from rrcompile.devices import parse_device
 from rrcompile.errors import DeviceSpecError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
-from rrcompile.graph import analog_layers, macs_per_sample, tensor_shapes
-from rrcompile.io import load_model
+from rrcompile.finetune import FinetuneConfig, finetune
+from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, macs_per_sample, tensor_shapes
+from rrcompile.io import load_model, save_model
+from rrcompile.lipschitz import FORMS, LipschitzPenalty
 from rrcompile.passes.convert_opset import default_opset
+from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.report import format_table, percent, write_json
 
 
@@ -150,10 +156,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from rrcompile.finetune import FinetuneConfig, finetune
-    from rrcompile.io import save_model
-    from rrcompile.lipschitz import FORMS, LipschitzPenalty
-
     if args.lipschitz < 0:
         raise DeviceSpecError(f"--lipschitz {args.lipschitz:g}: beta must be >= 0")
     if args.lipschitz_form not in FORMS:
@@ -213,6 +215,100 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    device = parse_device(args.device)
+    sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
+    if args.lipschitz_form not in FORMS:
+        raise DeviceSpecError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
+    if not 0 < args.budget <= 1 or args.samples < 1 or args.epochs < 1:
+        raise DeviceSpecError("--budget must be in (0, 1], --samples and --epochs >= 1")
+    options = pipeline.CompileOptions(
+        device, lipschitz=not args.no_lipschitz, compensation=not args.no_compensation, rl=not args.no_rl,
+        finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size), beta=args.lipschitz,
+        lipschitz_form=args.lipschitz_form, budget=args.budget,
+        train=CompensationConfig(epochs=args.compensation_epochs, batch_size=args.batch_size),
+        final_epochs=args.final_epochs, episodes=args.episodes, overhead_weight=args.overhead_weight,
+        rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed)
+    preprocess = Preprocess.parse(args.scale, args.mean, args.std)
+    with about(args.model):
+        original = pipeline.canonicalize(load_model(args.model))
+        input_name, input_shape = model_io(original)
+        MonteCarloEvaluator(original, device)  # rejects a model without analog layers before any training
+    train, test = load_data(args.data, "train").subset(args.limit), load_data(args.data, "test").subset(args.test_limit)
+    x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
+    x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
+    out = Path(args.output)
+    report_path, plot_path = out.with_suffix(".report.json"), out.with_suffix(".sigma.png")
+    log = (lambda _: None) if args.quiet else print
+
+    started = time.perf_counter()
+    with about(args.model):
+        result = pipeline.compile(original, x_train, train.y, options, progress=not args.quiet, log=log)
+    log("[*] Monte Carlo evaluation on the test set ...")
+    evaluated = time.perf_counter()
+    before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=not args.quiet)
+    after = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples, args.seed, progress=not args.quiet)
+    curves = {}
+    if sweep:
+        curves = {label: sigma_sweep(m, device, sweep, x_test, test.y, args.sweep_samples, args.seed, progress=not args.quiet)
+                  for label, m in (("original", original), ("compiled", result.model))}
+    result.seconds["evaluate"] = time.perf_counter() - evaluated
+    total = time.perf_counter() - started
+
+    hardware = result.hardware
+    print(f"\n{args.model} compiled for {device.describe()} on {train.name} ({len(train.y)} train, {len(test.y)} test images), "
+          f"seed {args.seed}, {total:.0f} s")
+    print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
+        [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
+        for label, s in (("original", before), ("compiled", after))
+    ]))
+    print(f"compensation: {', '.join(result.kept) or 'none'} kept; {hardware.digital_weights:,} digital weights over "
+          f"{hardware.analog_weights:,} analog ({hardware.overhead_percent:.2f}%), "
+          f"{sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
+    if result.selection:
+        print("\nselection on the validation chips (reward = accuracy - overhead_weight x overhead)")
+        print(format_table(["strategy", "kept", "val accuracy", "overhead", "reward"], [
+            [name, ", ".join(r.kept_layers) or "-", percent(r.accuracy), percent(r.overhead), f"{r.reward:.4f}"]
+            for name, r in result.selection.items()
+        ], "llrrr"))
+    print("\ntime per stage")
+    print(format_table(["stage", "seconds"], [[name, f"{sec:.1f}"] for name, sec in result.seconds.items()]))
+
+    save_model(result.deployed, out)
+    if args.simulate_output:
+        save_model(InsertVariationPass(device)(result.model).model, args.simulate_output)
+    if curves:
+        plot_sigma_sweep(curves, plot_path, f"{Path(args.model).name}: original vs compiled")
+    write_json({
+        "model": str(args.model), "output": str(out), "data": train.name, "device": device.describe(), "seed": args.seed,
+        "options": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+        "before": before.summary(), "after": after.summary(), "kept": result.kept,
+        "hardware": hardware.to_dict(), "seconds": result.seconds, "total_seconds": total,
+        "selection": {name: {"kept": r.kept_layers, "accuracy": r.accuracy, "overhead": r.overhead, "reward": r.reward,
+                             "rewards_per_episode": r.rewards} for name, r in result.selection.items()},
+        "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in curves.items()},
+    }, report_path)
+    print(f"\nmodel: {out}\nreport: {report_path}" + (f"\nplot: {plot_path}" if curves else "")
+          + (f"\nsimulation graph: {args.simulate_output}" if args.simulate_output else ""))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    with about(args.model):
+        model = load_model(args.model)
+        if not any(o.domain == RRCOMPILE_DOMAIN for o in model.opset_import):
+            model = pipeline.canonicalize(model)
+        deployed, hardware = deploy(model, args.tile)
+    print(f"{args.model}: {len(hardware.layers)} analog layers on {hardware.total_tiles} crossbar tiles of "
+          f"{args.tile}x{args.tile}; {hardware.digital_weights:,} digital weights ({hardware.overhead_percent:.2f}% overhead)")
+    print(format_table(list(HardwareReport.HEADERS), hardware.rows(), "llrrrr"))
+    save_model(deployed, args.output)
+    if args.json:
+        write_json(hardware.to_dict(), args.json)
+    print(f"deployed: {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrcompile", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +352,44 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--json", help="write the training report as JSON")
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(run=cmd_finetune)
+
+    co = sub.add_parser("compile", help="make a model robust to a device: Lipschitz fine-tune, RL-chosen compensation, deploy")
+    co.add_argument("model", help="ONNX classifier")
+    co.add_argument("--data", default="digits", help="data spec: its train split trains, its test split evaluates")
+    co.add_argument("--device", default="lognormal:sigma=0.5", help="device spec or device file")
+    co.add_argument("-o", "--output", required=True, help="deployed ONNX model; OUT.report.json and OUT.sigma.png beside it")
+    co.add_argument("--simulate-output", help="also write the compiled graph with the variation ops in (for evaluate)")
+    co.add_argument("--no-lipschitz", action="store_true", help="skip Lipschitz fine-tuning")
+    co.add_argument("--no-compensation", action="store_true", help="skip compensation (and RL)")
+    co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
+    co.add_argument("--lipschitz", type=float, default=1e-3, metavar="BETA")
+    co.add_argument("--lipschitz-form", default="orthogonal")
+    co.add_argument("--epochs", type=int, default=3, help="Lipschitz fine-tuning epochs")
+    co.add_argument("--budget", type=float, default=0.05, help="compensation weights per layer / its analog weights")
+    co.add_argument("--compensation-epochs", type=int, default=2)
+    co.add_argument("--final-epochs", type=int, default=1, help="training of the kept compensation")
+    co.add_argument("--episodes", type=int, default=60, help="RL episodes")
+    co.add_argument("--overhead-weight", type=float, default=0.5, help="lambda: reward = accuracy - lambda x overhead")
+    co.add_argument("--rl-chips", type=int, default=8)
+    co.add_argument("--rl-images", type=int, default=2000)
+    co.add_argument("--samples", type=int, default=100, help="chips for the before/after evaluation")
+    co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
+    co.add_argument("--sweep-samples", type=int, default=20, help="chips per sigma in the sweep")
+    co.add_argument("--tile", type=int, default=128)
+    co.add_argument("--batch-size", type=int, default=128)
+    co.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    co.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
+    co.add_argument("--seed", type=int, default=0)
+    _add_preprocess(co)
+    co.add_argument("--quiet", action="store_true", help="no progress output")
+    co.set_defaults(run=cmd_compile)
+
+    de = sub.add_parser("deploy", help="strip simulation ops, tag analog/digital nodes, report crossbar tiles")
+    de.add_argument("model")
+    de.add_argument("-o", "--output", required=True)
+    de.add_argument("--tile", type=int, default=128)
+    de.add_argument("--json", help="write the hardware report as JSON")
+    de.set_defaults(run=cmd_deploy)
 
     ins = sub.add_parser("inspect", help="list a model's analog layers, opset, inputs and outputs")
     ins.add_argument("model")

@@ -1,17 +1,36 @@
-"""The compiler in one screen: each stage is a pass (or pass manager) from ``rrcompile.passes``.
+"""The compiler in one screen. Each stage is a pass from ``rrcompile.passes`` or a training step:
 
-    model = load_model(path)            # checked ONNX
-    model = canonicalize(model)         # one opset, symbolic batch, fused biases, folded BN
-    varied = simulate(model, device)    # + ai.rrcompile variation ops, noise inputs per layer
-    MonteCarloEvaluator(model, device)  # accuracy over simulated chips (rrcompile.evaluate)
+    model = canonicalize(model)                     # one opset, symbolic batch, fused biases, folded BN
+    model = finetune(model, Lipschitz penalty)      # error suppression (rrcompile.finetune)
+    model = InsertCompensationCandidatesPass(...)   # a gated low-rank digital branch per analog layer
+    model = train_compensation(model, device)       # analog weights frozen, a new chip per mini-batch
+    keep  = reinforce(CompensationEnv(...))         # RL picks the candidates worth their weights
+    model = SelectCompensationPass(keep) + train    # drop the rest, train the kept ones briefly
+    chip, report = deploy(model)                    # strip simulation, tag analog/digital, tiles
+
+``simulate(model, device)`` gives the graph with the variation ops in, which ``rrcompile evaluate``
+and the Monte Carlo evaluator run.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
 import onnx
 
+from rrcompile.compensate import CompensationConfig, train_compensation
+from rrcompile.deploy import HardwareReport, deploy
 from rrcompile.devices import DeviceConfig
+from rrcompile.finetune import FinetuneConfig, finetune, split_validation
+from rrcompile.lipschitz import LipschitzPenalty
 from rrcompile.passes.canonicalize import CanonicalizePass
+from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
+from rrcompile.passes.select_compensation import SelectCompensationPass
+from rrcompile.rl.environment import CompensationEnv
+from rrcompile.rl.reinforce import SearchResult, fixed, greedy_by_sensitivity, reinforce
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -21,3 +40,72 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def simulate(model: onnx.ModelProto, device: DeviceConfig) -> onnx.ModelProto:
     """The canonical model with every analog weight routed through ``device``'s models."""
     return InsertVariationPass(device)(canonicalize(model)).model
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    device: DeviceConfig
+    lipschitz: bool = True  # stage switches, for ablations
+    compensation: bool = True
+    rl: bool = True  # False keeps every candidate
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    beta: float = 1e-3
+    lipschitz_form: str = "orthogonal"
+    budget: float = 0.05  # compensation weights per layer, as a fraction of its analog weights
+    train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
+    final_epochs: int = 1
+    episodes: int = 60
+    overhead_weight: float = 0.5  # reward = accuracy - overhead_weight * overhead fraction
+    rl_chips: int = 8
+    rl_images: int = 2000
+    tile: int = 128
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class CompileResult:
+    model: onnx.ModelProto  # compiled, before deploy (the simulation graph's base)
+    deployed: onnx.ModelProto
+    hardware: HardwareReport
+    seconds: dict[str, float]  # per stage
+    selection: dict[str, SearchResult]  # none / all / greedy / rl, scored on the validation chips
+    kept: list[str]
+
+
+def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: CompileOptions, *,
+            progress: bool = True, log: Callable[[str], None] = print) -> CompileResult:
+    """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``."""
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, run: Callable[[], object]):
+        log(f"[{len(seconds) + 1}] {name} ...")
+        started = time.perf_counter()
+        result = run()
+        seconds[name] = time.perf_counter() - started
+        log(f"    {name}: done in {seconds[name]:.1f} s")
+        return result
+
+    model = stage("canonicalize", lambda: canonicalize(model))
+    if options.lipschitz:
+        config = dataclasses.replace(options.finetune, seed=options.seed, validation_device=options.device,
+                                     lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form))
+        model = stage("Lipschitz fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
+    selection, kept = {}, []
+    if options.compensation:
+        x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
+        train = dataclasses.replace(options.train, seed=options.seed)
+        model = stage("insert candidates", lambda: InsertCompensationCandidatesPass(options.budget, seed=options.seed)(model).model)
+        model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
+        env = stage("profile layers", lambda: CompensationEnv(
+            model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
+            seed=options.seed, overhead_weight=options.overhead_weight))
+        choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
+                       if options.rl else fixed(env, keep_all=True))
+        selection = {"none": fixed(env, keep_all=False), "all": fixed(env, keep_all=True),
+                     "greedy": greedy_by_sensitivity(env, choice.overhead), "rl" if options.rl else "chosen": choice}
+        kept = choice.kept_layers
+        final = dataclasses.replace(train, epochs=options.final_epochs)
+        model = stage("final training", lambda: train_compensation(
+            SelectCompensationPass(kept)(model).model, options.device, x_train, y_train, final, progress=progress)[0])
+    deployed, hardware = stage("deploy", lambda: deploy(model, options.tile))
+    return CompileResult(model, deployed, hardware, seconds, selection, kept)
