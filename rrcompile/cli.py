@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import onnx
+
 from rrcompile import pipeline
 from rrcompile.compensate import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.deploy import HardwareReport, deploy
-from rrcompile.devices import parse_device
+from rrcompile.devices import DeviceConfig, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
 from rrcompile.finetune import FinetuneConfig, finetune
@@ -27,7 +29,11 @@ from rrcompile.io import load_model, save_model
 from rrcompile.lipschitz import FORMS, LipschitzPenalty
 from rrcompile.passes.convert_opset import default_opset
 from rrcompile.passes.insert_variation import InsertVariationPass
+from rrcompile.passes.strip_simulation import StripSimulationPass
 from rrcompile.report import format_table, percent, write_json
+
+
+DEFAULT_DEVICE = "lognormal:sigma=0.5"
 
 
 @contextlib.contextmanager
@@ -63,14 +69,27 @@ def parse_sweep(text: str) -> list[float]:
     return values
 
 
+def load_for_evaluation(path: str, device_spec: str | None) -> tuple[onnx.ModelProto, DeviceConfig]:
+    """The model to evaluate and its device: a simulation graph (``compile --simulate-output``)
+    brings its own, read back from its variation ops; any other model takes ``--device``."""
+    model = load_model(path)
+    embedded = simulated_device(model)
+    if embedded is None:
+        return pipeline.canonicalize(model), parse_device(device_spec or DEFAULT_DEVICE)
+    if device_spec is not None:
+        raise DeviceSpecError("the model is a simulation graph with its own device; drop --device")
+    return StripSimulationPass()(model).model, embedded
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    device = parse_device(args.device)
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else None
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     if args.samples < 1:
         raise DeviceSpecError(f"--samples {args.samples}: must be >= 1")
+    if args.device is not None:
+        parse_device(args.device)  # a bad spec is reported before the model is read
     with about(args.model):
-        model = pipeline.canonicalize(load_model(args.model))
+        model, device = load_for_evaluation(args.model, args.device)
         evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
     data = load_data(args.data, args.split).subset(args.limit)
     x = evaluator.prepare(preprocess.apply(data.x), data.name)
@@ -223,7 +242,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not 0 < args.budget <= 1 or args.samples < 1 or args.epochs < 1:
         raise DeviceSpecError("--budget must be in (0, 1], --samples and --epochs >= 1")
     options = pipeline.CompileOptions(
-        device, lipschitz=not args.no_lipschitz, compensation=not args.no_compensation, rl=not args.no_rl,
+        device, lipschitz=not args.no_lipschitz, noise_injection=not args.no_noise_injection,
+        compensation=not args.no_compensation, rl=not args.no_rl,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size), beta=args.lipschitz,
         lipschitz_form=args.lipschitz_form, budget=args.budget,
         train=CompensationConfig(epochs=args.compensation_epochs, batch_size=args.batch_size),
@@ -318,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="digits", help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | npz:FILE (default: digits)")
     ev.add_argument("--split", default="test", choices=["test", "train"])
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    ev.add_argument("--device", default="lognormal:sigma=0.5",
-                    help="device models, e.g. lognormal:sigma=0.5+read:eta=0.01, or a .json/.yaml device file")
+    ev.add_argument("--device", default=None,
+                    help=f"device models, e.g. lognormal:sigma=0.5+read:eta=0.01, or a .json/.yaml device file "
+                         f"(default: {DEFAULT_DEVICE}; a simulation graph brings its own)")
     ev.add_argument("--samples", type=int, default=100, help="simulated chips (Monte Carlo samples)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=500)
@@ -359,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--device", default="lognormal:sigma=0.5", help="device spec or device file")
     co.add_argument("-o", "--output", required=True, help="deployed ONNX model; OUT.report.json and OUT.sigma.png beside it")
     co.add_argument("--simulate-output", help="also write the compiled graph with the variation ops in (for evaluate)")
-    co.add_argument("--no-lipschitz", action="store_true", help="skip Lipschitz fine-tuning")
+    co.add_argument("--no-lipschitz", action="store_true", help="skip the fine-tuning stage")
+    co.add_argument("--no-noise-injection", action="store_true",
+                    help="fine-tune with the Lipschitz penalty on exact weights (default: on sampled chips too)")
     co.add_argument("--no-compensation", action="store_true", help="skip compensation (and RL)")
     co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
     co.add_argument("--lipschitz", type=float, default=1e-3, metavar="BETA")

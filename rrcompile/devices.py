@@ -25,7 +25,7 @@ import torch
 from onnx import helper
 
 from rrcompile.errors import DeviceSpecError
-from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET
+from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, TARGET_OPSET
 
 FUNCTION_OPSET = 1  # version of the ai.rrcompile domain
 
@@ -386,8 +386,9 @@ class DeviceConfig:
         return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()})
 
     def describe(self) -> str:
-        text = "+".join(m.spec() for m in self.default) or "none"
-        return text + "".join(f"; {k}: {'+'.join(m.spec() for m in v) or 'none'}" for k, v in self.layers.items())
+        parts = ["+".join(m.spec() for m in self.default) or "none"] if self.default or not self.layers else []
+        parts += [f"{k}: {'+'.join(m.spec() for m in v) or 'none'}" for k, v in self.layers.items()]
+        return "; ".join(parts)
 
 
 def parse_device(spec: str) -> DeviceConfig:
@@ -445,3 +446,21 @@ def noise_inputs(model: onnx.ModelProto) -> list[NoiseInput]:
             shape = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
             found.append(NoiseInput(vi.name, shape, readers[vi.name].noise))
     return found
+
+
+def simulated_device(model: onnx.ModelProto) -> DeviceConfig | None:
+    """The device a simulation graph carries: each analog layer's chain of variation ops, read back
+    into device models (per layer, by node name); None for a graph without variation ops."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    layers: dict[str, list[DeviceModel]] = {}
+    for node in model.graph.node:
+        if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        stack, tensor = [], node.input[1]
+        while tensor in producer and producer[tensor].domain == RRCOMPILE_DOMAIN and producer[tensor].op_type in BY_OP_TYPE:
+            op = producer[tensor]
+            stack.append(BY_OP_TYPE[op.op_type](**{a.name: helper.get_attribute_value(a) for a in op.attribute}))
+            tensor = op.input[0]
+        if stack:
+            layers[node.name] = sorted(stack, key=lambda m: m.order)
+    return DeviceConfig([], layers) if layers else None

@@ -1,7 +1,7 @@
 """The compiler in one screen. Each stage is a pass from ``rrcompile.passes`` or a training step:
 
     model = canonicalize(model)                     # one opset, symbolic batch, fused biases, folded BN
-    model = finetune(model, Lipschitz penalty)      # error suppression (rrcompile.finetune)
+    model = finetune(model, Lipschitz penalty)      # error suppression on sampled chips (rrcompile.finetune)
     model = InsertCompensationCandidatesPass(...)   # a gated low-rank digital branch per analog layer
     model = train_compensation(model, device)       # analog weights frozen, a new chip per mini-batch
     keep  = reinforce(CompensationEnv(...))         # RL picks the candidates worth their weights
@@ -46,6 +46,7 @@ def simulate(model: onnx.ModelProto, device: DeviceConfig) -> onnx.ModelProto:
 class CompileOptions:
     device: DeviceConfig
     lipschitz: bool = True  # stage switches, for ablations
+    noise_injection: bool = True  # the Lipschitz fine-tune also trains on sampled chips of the device
     compensation: bool = True
     rl: bool = True  # False keeps every candidate
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
@@ -88,7 +89,8 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
     model = stage("canonicalize", lambda: canonicalize(model))
     if options.lipschitz:
         config = dataclasses.replace(options.finetune, seed=options.seed, validation_device=options.device,
-                                     lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form))
+                                     lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form),
+                                     noise_injection=options.device if options.noise_injection else None)
         model = stage("Lipschitz fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
     selection, kept = {}, []
     if options.compensation:

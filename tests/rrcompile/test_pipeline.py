@@ -1,0 +1,78 @@
+"""The whole compiler on the embedded default, with small settings: every stage runs, and ablate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DIGITS_MODEL, run
+
+from rrcompile.cli import main
+from rrcompile.compensate import CompensationConfig
+from rrcompile.data import load_data
+from rrcompile.devices import BY_OP_TYPE, parse_device
+from rrcompile.finetune import FinetuneConfig
+from rrcompile.graph import RRCOMPILE_DOMAIN
+from rrcompile.pipeline import CompileOptions, compile
+
+DEVICE = parse_device("lognormal:sigma=0.5")
+
+
+def small(**switches) -> CompileOptions:
+    return CompileOptions(DEVICE, finetune=FinetuneConfig(epochs=1, validation_chips=2), train=CompensationConfig(epochs=1),
+                          episodes=8, rl_chips=2, rl_images=200, **switches)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train = load_data("digits", "train")
+    return onnx.load(str(DIGITS_MODEL)), train.x / np.float32(255), train.y
+
+
+def test_compile_runs_every_stage_and_deploys_a_plain_onnx_graph(digits):
+    model, x, y = digits
+    result = compile(model, x, y, small(), progress=False, log=lambda _: None)
+    assert list(result.seconds) == ["canonicalize", "Lipschitz fine-tune", "insert candidates", "train compensation",
+                                    "profile layers", "RL selection", "final training", "deploy"]
+    assert set(result.selection) == {"none", "all", "greedy", "rl"}
+    assert result.selection["rl"].reward >= result.selection["none"].reward
+    assert result.hardware.overhead_percent <= 5.0
+    onnx.checker.check_model(result.deployed, full_check=True)
+    assert not any(n.domain == RRCOMPILE_DOMAIN and n.op_type in BY_OP_TYPE for n in result.deployed.graph.node)
+    assert [i.name for i in result.deployed.graph.input] == ["image"]
+    np.testing.assert_allclose(run(result.deployed, x[:20]), run(result.model, x[:20]), atol=1e-5, rtol=1e-5)
+
+
+def test_stages_can_be_switched_off(digits):
+    model, x, y = digits
+    bare = compile(model, x, y, small(lipschitz=False, compensation=False), progress=False, log=lambda _: None)
+    assert list(bare.seconds) == ["canonicalize", "deploy"] and bare.kept == []
+    keep_all = compile(model, x, y, small(lipschitz=False, rl=False), progress=False, log=lambda _: None)
+    assert keep_all.kept == ["conv1", "conv2", "fc1", "fc2"] and "rl" not in keep_all.selection
+
+
+def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path, capsys):
+    out = tmp_path / "digits.onnx"
+    code = main(["compile", str(DIGITS_MODEL), "--data", "digits", "-o", str(out), "--quiet", "--epochs", "1",
+                 "--compensation-epochs", "1", "--episodes", "8", "--rl-chips", "2", "--rl-images", "200",
+                 "--samples", "3", "--sigma-sweep", "0,0.5", "--sweep-samples", "2",
+                 "--simulate-output", str(tmp_path / "digits.sim.onnx")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "original" in printed and "compiled" in printed and "time per stage" in printed
+    report = json.loads((tmp_path / "digits.report.json").read_text())
+    assert report["after"]["chips"] == 3 and set(report["sigma_sweep"]) == {"original", "compiled"}
+    assert (tmp_path / "digits.sigma.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--samples", "2", "--quiet"]) == 0
+    assert "conv1: lognormal:sigma=0.5" in capsys.readouterr().out  # the device the graph carries
+    assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--device", "lognormal:sigma=0.1", "--quiet"]) == 2
+    assert main(["deploy", str(tmp_path / "digits.sim.onnx"), "-o", str(tmp_path / "again.onnx")]) == 0
+    onnx.checker.check_model(onnx.load(str(tmp_path / "again.onnx")), full_check=True)
+
+
+def test_compile_refuses_a_bad_budget_without_output(tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    assert main(["compile", str(DIGITS_MODEL), "-o", str(out), "--budget", "0", "--quiet"]) == 2
+    assert "--budget" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
