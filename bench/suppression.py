@@ -16,8 +16,8 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from onnx import numpy_helper
 
 from rrcompile.data import Preprocess, load_data
 from rrcompile.devices import parse_device
@@ -32,10 +32,12 @@ from rrcompile.report import format_table, percent
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def parse_floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def spectral_product(model) -> float:
     weights = {t.name: t for t in model.graph.initializer}
-    from onnx import numpy_helper
-
     return SpectralReport.of([(layer, numpy_helper.to_array(weights[layer.weight])) for layer in analog_layers(model)]).product
 
 
@@ -47,15 +49,15 @@ def main() -> None:
     parser.add_argument("--std", default="0.3081")
     parser.add_argument("--device", default="lognormal:sigma=0.5", help="device of the evaluation chips")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--beta-orthogonal", type=float, default=0.01)
-    parser.add_argument("--beta-spectral", type=float, default=0.1)
+    parser.add_argument("--beta-orthogonal", default="1e-4,1e-3,1e-2", help="comma list: one row per beta")
+    parser.add_argument("--beta-spectral", default="0.01,0.1,1", help="comma list: one row per beta")
+    parser.add_argument("--combined", default="spectral:0.01", help="FORM:BETA of the Lipschitz + noise injection row")
     parser.add_argument("--noise-injection", default="lognormal:sigma=0.5")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="build/suppression", help="folder for the fine-tuned models and the JSON")
     args = parser.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
     device = parse_device(args.device)
     preprocess = Preprocess.parse("255", args.mean, args.std)
     model = canonicalize(load_model(args.model))
@@ -63,12 +65,15 @@ def main() -> None:
     probe = MonteCarloEvaluator(model, device)
     x_train, x_test = probe.prepare(preprocess.apply(train.x)), probe.prepare(preprocess.apply(test.x))
 
-    methods = {
-        "original": None,
-        f"Lipschitz orthogonal (beta={args.beta_orthogonal:g})": dict(lipschitz=LipschitzPenalty(args.beta_orthogonal, "orthogonal")),
-        f"Lipschitz spectral (beta={args.beta_spectral:g})": dict(lipschitz=LipschitzPenalty(args.beta_spectral, "spectral")),
-        f"noise injection ({args.noise_injection})": dict(noise_injection=parse_device(args.noise_injection)),
-    }
+    methods: dict[str, dict | None] = {"original": None}
+    for form, betas in (("orthogonal", args.beta_orthogonal), ("spectral", args.beta_spectral)):
+        for beta in parse_floats(betas):
+            methods[f"Lipschitz {form} (beta={beta:g})"] = dict(lipschitz=LipschitzPenalty(beta, form))
+    injection = parse_device(args.noise_injection)
+    methods[f"noise injection ({args.noise_injection})"] = dict(noise_injection=injection)
+    form, beta = args.combined.split(":")
+    methods[f"Lipschitz {form} (beta={float(beta):g}) + noise injection"] = dict(
+        lipschitz=LipschitzPenalty(float(beta), form), noise_injection=injection)
     out = Path(args.out)
     rows, report = [], []
     for label, method in methods.items():
@@ -76,15 +81,15 @@ def main() -> None:
         tuned = model
         if method is not None:
             config = FinetuneConfig(epochs=args.epochs, seed=args.seed, validation_device=device, **method)
-            tuned = finetune(model, x_train, train.y, config).model
-            save_model(tuned, out / f"{label.split(' (')[0].replace(' ', '_').lower()}.onnx")
+            tuned = finetune(model, x_train, train.y, config, progress=False).model
+            save_model(tuned, out / f"method{len(rows)}.onnx")
         seconds = time.perf_counter() - started
-        stats = MonteCarloEvaluator(tuned, device).evaluate(x_test, test.y, args.samples, args.seed, desc=label)
+        stats = MonteCarloEvaluator(tuned, device).evaluate(x_test, test.y, args.samples, args.seed, progress=False)
         product = spectral_product(tuned)
         rows.append([label, percent(stats.clean_accuracy), percent(stats.mean), percent(stats.p5), percent(stats.worst),
                      percent(stats.yield_), f"{product:,.1f}", f"{seconds:.0f} s" if method else "-"])
         report.append({"method": label, **stats.summary(), "spectral_product": product, "finetune_seconds": seconds})
-        print(f"done: {label}", flush=True)
+        print(f"done: {label}: mean {100 * stats.mean:.2f}%", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "suppression.json").write_text(json.dumps({"args": vars(args), "results": report}, indent=2))

@@ -31,7 +31,7 @@ from rrcompile.torch_graph import TorchGraph, default_device, write_back
 @dataclasses.dataclass
 class CompensationConfig:
     epochs: int = 2
-    lr: float = 3e-3
+    lr: float = 1e-3
     batch_size: int = 128
     feature_weight: float = 1.0
     seed: int = 0
@@ -63,13 +63,14 @@ def train_compensation(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarr
             index = order[start:start + config.batch_size]
             xb = torch.from_numpy(x[index]).to(target)
             yb = torch.from_numpy(y[index]).to(target)
-            with torch.no_grad():
-                reference = clean(xb, gates_off, outputs=maps)
             result = varied(xb, outputs=[varied.output_names[0], *maps])
             loss = torch.nn.functional.cross_entropy(result[varied.output_names[0]].reshape(len(index), -1), yb)
-            for name in maps:
-                loss = loss + config.feature_weight * ((result[name] - reference[name]) ** 2).sum() \
-                    / (reference[name] ** 2).sum().clamp_min(1e-12)
+            if config.feature_weight:
+                with torch.no_grad():
+                    reference = clean(xb, gates_off, outputs=maps)
+                for name in maps:
+                    loss = loss + config.feature_weight * ((result[name] - reference[name]) ** 2).sum() \
+                        / (reference[name] ** 2).sum().clamp_min(1e-12)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

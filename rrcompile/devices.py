@@ -459,8 +459,15 @@ def simulated_device(model: onnx.ModelProto) -> DeviceConfig | None:
         stack, tensor = [], node.input[1]
         while tensor in producer and producer[tensor].domain == RRCOMPILE_DOMAIN and producer[tensor].op_type in BY_OP_TYPE:
             op = producer[tensor]
-            stack.append(BY_OP_TYPE[op.op_type](**{a.name: helper.get_attribute_value(a) for a in op.attribute}))
+            stack.append(BY_OP_TYPE[op.op_type](**{a.name: _from_attribute(a) for a in op.attribute}))
             tensor = op.input[0]
         if stack:
             layers[node.name] = sorted(stack, key=lambda m: m.order)
     return DeviceConfig([], layers) if layers else None
+
+
+def _from_attribute(attribute: onnx.AttributeProto) -> float:
+    """An attribute's value as written in the spec: float32 attributes hold 0.01 as 0.0099999998,
+    and the shortest float32 repr gives the 0.01 back."""
+    value = helper.get_attribute_value(attribute)
+    return float(str(np.float32(value))) if isinstance(value, float) else value

@@ -6,12 +6,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import run
+from conftest import DIGITS_MODEL, run
 from onnx import TensorProto, helper, numpy_helper
 
-from rrcompile.devices import DEVICE_MODELS, LogNormalVariation, parse_device, parse_models
+from rrcompile.devices import DEVICE_MODELS, LogNormalVariation, parse_device, parse_models, simulated_device
 from rrcompile.errors import DeviceSpecError
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET
+from rrcompile.passes.insert_variation import InsertVariationPass
+from rrcompile.pipeline import canonicalize
 
 SPECS = {
     "lognormal": "lognormal:sigma=0.4",
@@ -115,3 +117,12 @@ def test_with_sigma_replaces_every_lognormal():
     assert [m.spec() for m in device.with_sigma(0.2).default] == ["lognormal:sigma=0.2", "read:eta=0.01"]
     with pytest.raises(DeviceSpecError, match="needs a 'lognormal'"):
         parse_device("read:eta=0.01").with_sigma(0.2)
+
+
+def test_simulated_device_reads_the_device_back_from_a_varied_graph():
+    model = canonicalize(onnx.load(str(DIGITS_MODEL)))
+    device = parse_device("lognormal:sigma=0.4+stuck:p_off=0.01,p_on=0.02")
+    device.layers["fc2"] = parse_models("quantize:levels=16")
+    embedded = simulated_device(InsertVariationPass(device)(model).model)
+    assert embedded.layers["conv1"] == device.default and embedded.layers["fc2"] == device.layers["fc2"]
+    assert simulated_device(model) is None

@@ -76,3 +76,9 @@ def test_compile_refuses_a_bad_budget_without_output(tmp_path, capsys):
     assert main(["compile", str(DIGITS_MODEL), "-o", str(out), "--budget", "0", "--quiet"]) == 2
     assert "--budget" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_package_exposes_the_compiler():
+    import rrcompile
+
+    assert rrcompile.compile is compile and rrcompile.CompileOptions is CompileOptions
