@@ -21,7 +21,7 @@ from rrcompile.compensation import candidates
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.deploy import HardwareReport, deploy
 from rrcompile.devices import DeviceConfig, parse_device, simulated_device
-from rrcompile.errors import DeviceSpecError, RRCompileError, UnsupportedModelError
+from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, macs_per_sample, tensor_shapes
@@ -85,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else None
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     if args.samples < 1:
-        raise DeviceSpecError(f"--samples {args.samples}: must be >= 1")
+        raise OptionError(f"--samples {args.samples}: must be >= 1")
     if args.device is not None:
         parse_device(args.device)  # a bad spec is reported before the model is read
     with about(args.model):
@@ -135,6 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    check_tile(args.tile)
     with about(args.model):
         original = load_model(args.model)
         model = pipeline.canonicalize(original)
@@ -176,11 +177,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     if args.lipschitz < 0:
-        raise DeviceSpecError(f"--lipschitz {args.lipschitz:g}: beta must be >= 0")
+        raise OptionError(f"--lipschitz {args.lipschitz:g}: beta must be >= 0")
     if args.lipschitz_form not in FORMS:
-        raise DeviceSpecError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
+        raise OptionError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
     if args.epochs < 1 or not 0 < args.val_fraction < 1:
-        raise DeviceSpecError("--epochs must be >= 1 and --val-fraction in (0, 1)")
+        raise OptionError("--epochs must be >= 1 and --val-fraction in (0, 1)")
     config = FinetuneConfig(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction,
         patience=args.patience, seed=args.seed,
@@ -238,9 +239,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
     if args.lipschitz_form not in FORMS:
-        raise DeviceSpecError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
+        raise OptionError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
+    check_tile(args.tile)
     if not 0 < args.budget <= 1 or args.samples < 1 or args.epochs < 1:
-        raise DeviceSpecError("--budget must be in (0, 1], --samples and --epochs >= 1")
+        raise OptionError("--budget must be in (0, 1], --samples and --epochs >= 1")
     options = pipeline.CompileOptions(
         device, lipschitz=not args.no_lipschitz, noise_injection=not args.no_noise_injection,
         compensation=not args.no_compensation, rl=not args.no_rl,
@@ -313,7 +315,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_tile(tile: int) -> None:
+    if tile < 1:
+        raise OptionError(f"--tile {tile}: a crossbar tile has at least one row and column")
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
+    check_tile(args.tile)
     with about(args.model):
         model = load_model(args.model)
         if not any(o.domain == RRCOMPILE_DOMAIN for o in model.opset_import):
@@ -357,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     ft.add_argument("-o", "--output", required=True, help="fine-tuned ONNX model to write")
     ft.add_argument("--lipschitz", type=float, default=0.0, metavar="BETA", help="penalty weight (0: off)")
-    ft.add_argument("--lipschitz-form", default="orthogonal", help="orthogonal (||W W^T - I||_F^2) or spectral (hinge)")
+    ft.add_argument("--lipschitz-form", default="spectral", help="spectral (hinge on ||W||_2) or orthogonal (||W W^T - I||_F^2)")
     ft.add_argument("--lipschitz-target", type=float, default=1.0, help="spectral form: norm left unpenalized")
     ft.add_argument("--noise-injection", metavar="SPEC", help="train on a fresh chip of this device per mini-batch")
     ft.add_argument("--device", default="lognormal:sigma=0.5",
@@ -385,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fine-tune with the Lipschitz penalty on exact weights (default: on sampled chips too)")
     co.add_argument("--no-compensation", action="store_true", help="skip compensation (and RL)")
     co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
-    co.add_argument("--lipschitz", type=float, default=1e-3, metavar="BETA")
-    co.add_argument("--lipschitz-form", default="orthogonal")
+    co.add_argument("--lipschitz", type=float, default=0.01, metavar="BETA")
+    co.add_argument("--lipschitz-form", default="spectral", help="spectral or orthogonal")
     co.add_argument("--epochs", type=int, default=3, help="Lipschitz fine-tuning epochs")
     co.add_argument("--budget", type=float, default=0.05, help="compensation weights per layer / its analog weights")
     co.add_argument("--compensation-epochs", type=int, default=2)

@@ -23,3 +23,7 @@ class DeviceSpecError(RRCompileError):
 
 class DataError(RRCompileError):
     """A data spec cannot be loaded or does not fit the model's input."""
+
+
+class OptionError(RRCompileError):
+    """A command-line option has a value outside its range."""

@@ -50,8 +50,8 @@ class CompileOptions:
     compensation: bool = True
     rl: bool = True  # False keeps every candidate
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
-    beta: float = 1e-3
-    lipschitz_form: str = "orthogonal"
+    beta: float = 0.01
+    lipschitz_form: str = "spectral"
     budget: float = 0.05  # compensation weights per layer, as a fraction of its analog weights
     train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
     final_epochs: int = 1
