@@ -23,7 +23,7 @@ def trained():
     model = InsertCompensationCandidatesPass(budget=0.05)(canonicalize(onnx.load(str(DIGITS_MODEL)))).model
     train = load_data("digits", "train")
     result, history = train_compensation(model, DEVICE, train.x / np.float32(255), train.y,
-                                         CompensationConfig(epochs=6, seed=0), progress=False)
+                                         CompensationConfig(epochs=6, lr=3e-3, seed=0), progress=False)
     return model, result, history
 
 
