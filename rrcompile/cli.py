@@ -388,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--device", default="lognormal:sigma=0.5", help="device spec or device file")
     co.add_argument("-o", "--output", required=True, help="deployed ONNX model; OUT.report.json and OUT.sigma.png beside it")
     co.add_argument("--simulate-output", help="also write the compiled graph with the variation ops in (for evaluate)")
-    co.add_argument("--no-lipschitz", action="store_true", help="skip the fine-tuning stage")
+    co.add_argument("--no-lipschitz", action="store_true", help="fine-tune without the Lipschitz penalty")
     co.add_argument("--no-noise-injection", action="store_true",
-                    help="fine-tune with the Lipschitz penalty on exact weights (default: on sampled chips too)")
+                    help="fine-tune on exact weights, not on sampled chips (with --no-lipschitz: no fine-tuning)")
     co.add_argument("--no-compensation", action="store_true", help="skip compensation (and RL)")
     co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
     co.add_argument("--lipschitz", type=float, default=0.01, metavar="BETA")

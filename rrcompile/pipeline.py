@@ -45,10 +45,10 @@ def simulate(model: onnx.ModelProto, device: DeviceConfig) -> onnx.ModelProto:
 @dataclasses.dataclass
 class CompileOptions:
     device: DeviceConfig
-    lipschitz: bool = True  # stage switches, for ablations
-    noise_injection: bool = True  # the Lipschitz fine-tune also trains on sampled chips of the device
-    compensation: bool = True
-    rl: bool = True  # False keeps every candidate
+    lipschitz: bool = True  # switches, for ablations: the fine-tune's penalty,
+    noise_injection: bool = True  # its training on sampled chips (no fine-tune when both are off),
+    compensation: bool = True  # compensation and its selection,
+    rl: bool = True  # and RL (False keeps every candidate)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     beta: float = 0.01
     lipschitz_form: str = "spectral"
@@ -87,18 +87,18 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         return result
 
     model = stage("canonicalize", lambda: canonicalize(model))
-    if options.lipschitz:
+    if options.lipschitz or options.noise_injection:
         config = dataclasses.replace(options.finetune, seed=options.seed, validation_device=options.device,
-                                     lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form),
+                                     lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form) if options.lipschitz else None,
                                      noise_injection=options.device if options.noise_injection else None)
-        model = stage("Lipschitz fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
+        model = stage("fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
     selection, kept = {}, []
     if options.compensation:
         x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
         # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
         # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
         # 95.0% at weight 0.1, 93.9% at 1, over 8 validation chips), so the task loss trains alone
-        on_chips = options.lipschitz and options.noise_injection
+        on_chips = options.noise_injection
         train = dataclasses.replace(options.train, seed=options.seed,
                                     feature_weight=0.0 if on_chips else options.train.feature_weight)
         model = stage("insert candidates", lambda: InsertCompensationCandidatesPass(options.budget, seed=options.seed)(model).model)

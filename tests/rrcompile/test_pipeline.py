@@ -33,7 +33,7 @@ def digits():
 def test_compile_runs_every_stage_and_deploys_a_plain_onnx_graph(digits):
     model, x, y = digits
     result = compile(model, x, y, small(), progress=False, log=lambda _: None)
-    assert list(result.seconds) == ["canonicalize", "Lipschitz fine-tune", "insert candidates", "train compensation",
+    assert list(result.seconds) == ["canonicalize", "fine-tune", "insert candidates", "train compensation",
                                     "profile layers", "RL selection", "final training", "deploy"]
     assert set(result.selection) == {"none", "all", "greedy", "rl"}
     assert result.selection["rl"].reward >= result.selection["none"].reward
@@ -46,7 +46,8 @@ def test_compile_runs_every_stage_and_deploys_a_plain_onnx_graph(digits):
 
 def test_stages_can_be_switched_off(digits):
     model, x, y = digits
-    bare = compile(model, x, y, small(lipschitz=False, compensation=False), progress=False, log=lambda _: None)
+    bare = compile(model, x, y, small(lipschitz=False, noise_injection=False, compensation=False),
+                   progress=False, log=lambda _: None)
     assert list(bare.seconds) == ["canonicalize", "deploy"] and bare.kept == []
     keep_all = compile(model, x, y, small(lipschitz=False, rl=False), progress=False, log=lambda _: None)
     assert keep_all.kept == ["conv1", "conv2", "fc1", "fc2"] and "rl" not in keep_all.selection
