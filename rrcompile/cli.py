@@ -290,7 +290,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if result.selection:
         print("\nselection on the validation chips (reward = accuracy - overhead_weight x overhead)")
         print(format_table(["strategy", "kept", "val accuracy", "overhead", "reward"], [
-            [name, ", ".join(r.kept_layers) or "-", percent(r.accuracy), percent(r.overhead), f"{r.reward:.4f}"]
+            [name, ", ".join(r.kept_layers) or "-", percent(r.accuracy), percent(r.overhead),
+             f"{r.reward:.4f}" if r.overhead <= args.budget else "over budget"]
             for name, r in result.selection.items()
         ], "llrrr"))
     print("\ntime per stage")
@@ -396,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--lipschitz", type=float, default=0.01, metavar="BETA")
     co.add_argument("--lipschitz-form", default="spectral", help="spectral or orthogonal")
     co.add_argument("--epochs", type=int, default=3, help="Lipschitz fine-tuning epochs")
-    co.add_argument("--budget", type=float, default=0.05, help="compensation weights per layer / its analog weights")
+    co.add_argument("--budget", type=float, default=0.05,
+                    help="compensation weights as a fraction of analog weights: per candidate (its rank) and in total")
     co.add_argument("--compensation-epochs", type=int, default=2)
     co.add_argument("--final-epochs", type=int, default=1, help="training of the kept compensation")
     co.add_argument("--episodes", type=int, default=60, help="RL episodes")

@@ -52,7 +52,8 @@ class CompileOptions:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     beta: float = 0.01
     lipschitz_form: str = "spectral"
-    budget: float = 0.05  # compensation weights per layer, as a fraction of its analog weights
+    budget: float = 0.05  # sets each candidate's rank (per layer) and caps the kept ones' total, both
+    # as a fraction of analog weights
     train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
     final_epochs: int = 1
     episodes: int = 60
@@ -105,7 +106,7 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
         env = stage("profile layers", lambda: CompensationEnv(
             model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
-            seed=options.seed, overhead_weight=options.overhead_weight))
+            seed=options.seed, overhead_weight=options.overhead_weight, max_overhead=options.budget))
         choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
                        if options.rl else fixed(env, keep_all=True))
         selection = {"none": fixed(env, keep_all=False), "all": fixed(env, keep_all=True),

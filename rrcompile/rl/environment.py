@@ -5,7 +5,8 @@ the agent keeps (1) or drops (0) it. The reward, given once at the end, is
 
     mean validation accuracy over a fixed set of simulated chips  -  lambda * overhead
 
-with ``overhead`` the kept candidates' digital weights over the analog weights (0.03 = 3 %). The
+with ``overhead`` the kept candidates' digital weights over the analog weights (0.03 = 3 %); a
+configuration above ``max_overhead`` (the user's budget) scores -1, below every valid one. The
 chips are drawn once (seeded) and reused for every configuration, so configurations are compared
 on the same hardware and the reward of a configuration is deterministic; it is computed once and
 cached. The candidates' gates switch them on and off inside one onnxruntime graph per chip.
@@ -55,9 +56,10 @@ class CompensationEnv:
     """Rewards of keep/drop configurations of ``model``'s compensation candidates under ``device``."""
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray, *,
-                 chips: int = 8, seed: int = 0, overhead_weight: float = 1.0, batch_size: int = 500):
+                 chips: int = 8, seed: int = 0, overhead_weight: float = 1.0, max_overhead: float = 1.0,
+                 batch_size: int = 500):
         self.x, self.y = x, y
-        self.overhead_weight = overhead_weight
+        self.overhead_weight, self.max_overhead = overhead_weight, max_overhead
         self.input_name = model_io(model)[0]
         self.candidates = _topological(model, candidates(model))
         self.analog_weights = sum(layer.params for layer in analog_layers(model))
@@ -90,7 +92,9 @@ class CompensationEnv:
         if keep not in self._rewards:
             accuracy = _mean_chip_accuracy(self.evaluator, self.x, self.y, self.chips, self.seed, self.gates(keep),
                                            self._chip_sessions)
-            self._rewards[keep] = (accuracy, accuracy - self.overhead_weight * self.overhead(keep))
+            overhead = self.overhead(keep)
+            reward = accuracy - self.overhead_weight * overhead if overhead <= self.max_overhead + 1e-12 else -1.0
+            self._rewards[keep] = (accuracy, reward)
         return self._rewards[keep]
 
     def state(self, step: int, keep: Sequence[int]) -> np.ndarray:

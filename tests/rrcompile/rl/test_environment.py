@@ -56,3 +56,12 @@ def test_profiles_and_states_describe_each_layer(setup):
     state = env.state(2, [1, 1, 0, 0])
     assert state.shape == (len(FEATURES),) and np.isfinite(state).all()
     assert state[FEATURES.index("spent")] > 0 == env.state(0, [0, 0, 0, 0])[FEATURES.index("spent")]
+
+
+def test_configurations_over_the_budget_score_below_every_valid_one(setup):
+    _, compensated, x, y = setup
+    env = CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=2, max_overhead=0.01)
+    configs = list(itertools.product([0, 1], repeat=env.steps))
+    over = [keep for keep in configs if env.overhead(keep) > 0.01]
+    assert over and all(env.reward(keep) == -1.0 for keep in over)
+    assert all(env.reward(keep) > -1.0 for keep in configs if keep not in over)
