@@ -16,7 +16,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from rrcompile.data import Preprocess, load_data

@@ -12,7 +12,6 @@ layer's bias and weight travel together through every later pass.
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 

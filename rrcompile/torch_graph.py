@@ -1,11 +1,17 @@
 """An ONNX graph executed node by node in torch, so that its weights can be trained.
 
-``TorchGraph(model)`` interprets a canonical (or varied, or compensated) model through ``OPS``, a
-table from ONNX op to torch function; an op outside the table is refused when the module is
-built, naming the node, never skipped. Trainable initializers (every analog layer's weight and
-bias, and the compensation branches' weights) are ``nn.Parameter``s addressed by their ONNX
-initializer names; every other initializer is a buffer. ``write_back`` puts trained values into
-the model's own initializers, so the graph keeps every node, name and signature.
+``TorchGraph(model)`` interprets a canonical (or varied, or compensated) opset-17 model through
+``OPS``, a table from ONNX op to torch function; an op outside the table, or an attribute value
+the table cannot honour, is refused when the module is built, naming the node, never skipped.
+Trainable initializers (every analog layer's weight and bias, and the compensation branches'
+weights) are ``nn.Parameter``s addressed by their ONNX initializer names; every other
+initializer, and every Constant node's value, is a buffer, so ``.to(device)`` moves the whole
+graph. ``write_back`` puts trained values into the model's own initializers, so the graph keeps
+every node, name and signature.
+
+The reference is onnxruntime, not the ONNX text: where the two differ (the output size of pools
+in ceil mode, SAME pads of dilated pools) the torch ops follow onnxruntime, so that a model
+trained here behaves the same when deployed.
 
 The ``ai.rrcompile`` ops run through the device models' own torch versions
 (``DeviceModel.apply_torch``) and the compensation formulas. Noise inputs of a varied model are
@@ -18,16 +24,16 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from rrcompile.compensation import COMPENSATIONS, candidates
+from rrcompile.compensation import candidates
 from rrcompile.devices import BY_OP_TYPE, noise_inputs
 from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import RRCOMPILE_DOMAIN, AnalogLayer, analog_layers
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers
+from rrcompile.passes.convert_opset import default_opset
 
 Tensor = torch.Tensor
 OpFunction = Callable[[list, dict], list]
@@ -38,6 +44,9 @@ TORCH_DTYPES = {
     onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8,
     onnx.TensorProto.BOOL: torch.bool,
 }
+CONSTANT_ATTRIBUTES = {"value": None, "value_float": torch.float32, "value_floats": torch.float32,
+                       "value_int": torch.int64, "value_ints": torch.int64}
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 
 
 def default_device() -> torch.device:
@@ -46,26 +55,31 @@ def default_device() -> torch.device:
 
 # --- spatial ops --------------------------------------------------------------------------------
 
+def _same_pads(auto_pad: str, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               dilations: Sequence[int]) -> list[int]:
+    """ONNX pads ``[b1, .., bn, e1, .., en]`` that keep ``ceil(size / stride)`` outputs."""
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
 def _pads(attrs: dict, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
           dilations: Sequence[int]) -> list[int]:
     """ONNX pads ``[b1, .., bn, e1, .., en]``, resolving ``auto_pad``."""
     auto_pad = attrs.get("auto_pad", "NOTSET")
-    n = len(kernel)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations):
-            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
-            small, large = total // 2, total - total // 2
-            begins.append(small if auto_pad == "SAME_UPPER" else large)
-            ends.append(large if auto_pad == "SAME_UPPER" else small)
-        return begins + ends
+        return _same_pads(auto_pad, spatial, kernel, strides, dilations)
     if auto_pad == "VALID":
-        return [0] * (2 * n)
-    return list(attrs.get("pads", [0] * (2 * n)))
+        return [0] * (2 * len(kernel))
+    return list(attrs.get("pads", [0] * (2 * len(kernel))))
 
 
-def _torch_pad(pads: list[int]) -> list[int]:
-    """ONNX ``[b1, .., bn, e1, .., en]`` as torch's F.pad order (last dim first)."""
+def _torch_pad(pads: Sequence[int]) -> list[int]:
+    """ONNX ``[b1, .., bn, e1, .., en]`` (leading axes first) in F.pad's order (last axis first)."""
     n = len(pads) // 2
     return [p for i in reversed(range(n)) for p in (pads[i], pads[i + n])]
 
@@ -75,56 +89,86 @@ def _symmetric(pads: list[int]) -> list[int] | None:
     return pads[:n] if pads[:n] == pads[n:] else None
 
 
-def _window(inputs: list, attrs: dict, kernel: Sequence[int]):
-    x = inputs[0]
-    n = len(kernel)
-    strides = list(attrs.get("strides", [1] * n))
-    dilations = list(attrs.get("dilations", [1] * n))
-    return x, strides, dilations, _pads(attrs, x.shape[2:], kernel, strides, dilations)
-
-
 def conv(inputs: list, attrs: dict) -> list:
-    w = inputs[1]
+    x, w = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
-    x, strides, dilations, pads = _window(inputs, attrs, w.shape[2:])
+    n = w.dim() - 2
+    strides = attrs.get("strides", [1] * n)
+    dilations = attrs.get("dilations", [1] * n)
+    pads = _pads(attrs, x.shape[2:], w.shape[2:], strides, dilations)
     return [_conv(x, w, bias, strides, pads, dilations, attrs.get("group", 1))]
 
 
 def _conv(x: Tensor, w: Tensor, bias, strides, pads, dilations, group: int = 1) -> Tensor:
     function = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
     padding = _symmetric(pads)
-    if padding is None:
+    if padding is None:  # torch convolutions only pad symmetrically
         x, padding = F.pad(x, _torch_pad(pads)), [0] * (len(pads) // 2)
     return function(x, w, bias, strides, padding, dilations, group)
 
 
-def max_pool(inputs: list, attrs: dict) -> list:
+def _pool_pads(attrs: dict, spatial: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(the pads ONNX asks for, the extra end pads that complete ceil-mode windows).
+
+    With both applied, a floor-mode torch pool gives onnxruntime's output size: in ceil mode that
+    is ``ceil((size + pads - span) / stride) + 1`` less one if the last window would start past
+    the input and its begin pad.
+    """
     kernel = attrs["kernel_shape"]
-    x, strides, dilations, pads = _window(inputs, attrs, kernel)
-    padding = _symmetric(pads)
-    if padding is None or any(2 * p > k for p, k in zip(padding, kernel)):
-        x, padding = F.pad(x, _torch_pad(pads), value=-math.inf), [0] * len(kernel)
-    function = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(kernel) - 1]
-    return [function(x, kernel, strides, padding, dilations, ceil_mode=bool(attrs.get("ceil_mode", 0)))]
+    n = len(kernel)
+    strides = attrs.get("strides", [1] * n)
+    dilations = attrs.get("dilations", [1] * n)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _onnxruntime_same_pool_pads(auto_pad, spatial, kernel, strides)
+    else:
+        pads = _pads(attrs, spatial, kernel, strides, dilations)
+    ceil_mode = attrs.get("ceil_mode", 0)
+    extra = []
+    for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+        padded, span = size + pads[i] + pads[i + n], (k - 1) * d + 1
+        outputs = (-(-(padded - span) // s) if ceil_mode else (padded - span) // s) + 1
+        if ceil_mode and (outputs - 1) * s >= size + pads[i]:
+            outputs -= 1
+        extra.append(max(0, (outputs - 1) * s + span - padded))
+    return pads, [0] * n + extra
+
+
+def _onnxruntime_same_pool_pads(auto_pad: str, spatial: Sequence[int], kernel: Sequence[int],
+                                strides: Sequence[int]) -> list[int]:
+    """SAME pads of a pool as onnxruntime computes them: from the undilated kernel, and negative
+    (cropping the input) when the stride exceeds the kernel, halved with C's truncation."""
+    begins, ends = [], []
+    for size, k, s in zip(spatial, kernel, strides):
+        total = (math.ceil(size / s) - 1) * s + k - size
+        begin = int((total if auto_pad == "SAME_UPPER" else total + 1) / 2)
+        begins.append(begin)
+        ends.append(total - begin)
+    return begins + ends
+
+
+def max_pool(inputs: list, attrs: dict) -> list:
+    x, kernel = inputs[0], attrs["kernel_shape"]
+    n = len(kernel)
+    pads, extra = _pool_pads(attrs, x.shape[2:])
+    x = F.pad(x, _torch_pad([a + b for a, b in zip(pads, extra)]), value=-math.inf)
+    function = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+    return [function(x, kernel, attrs.get("strides", [1] * n), 0, attrs.get("dilations", [1] * n))]
 
 
 def average_pool(inputs: list, attrs: dict) -> list:
-    kernel = attrs["kernel_shape"]
-    x, strides, _, pads = _window(inputs, attrs, kernel)
-    include_pad = bool(attrs.get("count_include_pad", 0))
-    ceil_mode = bool(attrs.get("ceil_mode", 0))
-    function = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(kernel) - 1]
-    padding = _symmetric(pads)
-    if padding is not None and all(2 * p <= k for p, k in zip(padding, kernel)):
-        return [function(x, kernel, strides, padding, ceil_mode=ceil_mode, count_include_pad=include_pad)]
-    # asymmetric pads: average the zero-padded input, dividing by the cells that count
-    padded = F.pad(x, _torch_pad(pads))
-    zero = [0] * len(kernel)
-    sums = function(padded, kernel, strides, zero, ceil_mode=ceil_mode, count_include_pad=True)
-    if include_pad:
-        return [sums]
-    mask = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
-    return [sums / function(mask, kernel, strides, zero, ceil_mode=ceil_mode, count_include_pad=True)]
+    x, kernel = inputs[0], attrs["kernel_shape"]
+    n = len(kernel)
+    strides = attrs.get("strides", [1] * n)
+    function = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+    pads, extra = _pool_pads(attrs, x.shape[2:])
+    if not any(pads) and not any(extra):
+        return [function(x, kernel, strides)]
+    # sum over the zero-padded input, divided by the cells each window counts: the input's, the
+    # ONNX pads' too with count_include_pad, never the ceil-mode extension
+    counted = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads), value=float(attrs.get("count_include_pad", 0)))
+    sums = function(F.pad(x, _torch_pad([a + b for a, b in zip(pads, extra)])), kernel, strides)
+    return [sums / function(F.pad(counted, _torch_pad(extra)), kernel, strides)]
 
 
 def gemm(inputs: list, attrs: dict) -> list:
@@ -149,6 +193,7 @@ def batch_norm(inputs: list, attrs: dict) -> list:
 # --- shape ops ----------------------------------------------------------------------------------
 
 def _ints(tensor: Tensor) -> list[int]:
+    """An int64 shape-computation tensor as the python ints torch's shape arguments take."""
     return [int(v) for v in tensor.reshape(-1).tolist()]
 
 
@@ -161,31 +206,24 @@ def reshape(inputs: list, attrs: dict) -> list:
 
 def flatten(inputs: list, attrs: dict) -> list:
     x = inputs[0]
-    axis = attrs.get("axis", 1) % (x.dim() or 1) if attrs.get("axis", 1) < 0 else attrs.get("axis", 1)
-    return [x.reshape(math.prod(x.shape[:axis]), -1)]
-
-
-def _axes(inputs: list, attrs: dict) -> list[int] | None:
-    if len(inputs) > 1 and inputs[1] is not None:
-        return _ints(inputs[1])
-    return attrs.get("axes")
+    axis = attrs.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    return [x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))]
 
 
 def unsqueeze(inputs: list, attrs: dict) -> list:
-    x = inputs[0]
-    rank = x.dim() + len(_axes(inputs, attrs))
-    for axis in sorted(a % rank for a in _axes(inputs, attrs)):
+    x, axes = inputs[0], _ints(inputs[1])
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
         x = x.unsqueeze(axis)
     return [x]
 
 
 def squeeze(inputs: list, attrs: dict) -> list:
-    x, axes = inputs[0], _axes(inputs, attrs)
-    if axes is None:
+    x = inputs[0]
+    if len(inputs) < 2 or inputs[1] is None:
         return [x.squeeze()]
-    for axis in sorted((a % x.dim() for a in axes), reverse=True):
-        x = x.squeeze(axis)
-    return [x]
+    return [x.squeeze(tuple(a % x.dim() for a in _ints(inputs[1])))]
 
 
 def gather(inputs: list, attrs: dict) -> list:
@@ -197,49 +235,45 @@ def gather(inputs: list, attrs: dict) -> list:
 
 
 def shape(inputs: list, attrs: dict) -> list:
-    dims = list(inputs[0].shape)
-    dims = dims[attrs.get("start", 0):attrs["end"]] if "end" in attrs else dims[attrs.get("start", 0):]
+    dims = list(inputs[0].shape)[attrs.get("start", 0):attrs.get("end", None)]
     return [torch.tensor(dims, dtype=torch.int64, device=inputs[0].device)]
 
 
 def constant(inputs: list, attrs: dict) -> list:
-    if "value" in attrs:
+    (kind,) = attrs
+    if kind == "value":
         return [attrs["value"]]
-    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
-                       ("value_int", torch.int64), ("value_ints", torch.int64)):
-        if key in attrs:
-            return [torch.tensor(attrs[key], dtype=dtype)]
-    raise UnsupportedModelError(f"Constant with attributes {sorted(attrs)} is not supported")
+    return [torch.tensor(attrs[kind], dtype=CONSTANT_ATTRIBUTES[kind])]
 
 
 def pad(inputs: list, attrs: dict) -> list:
     x, pads = inputs[0], _ints(inputs[1])
-    if attrs.get("mode", "constant") != "constant" or (len(inputs) > 3 and inputs[3] is not None):
-        raise UnsupportedModelError("Pad: only constant mode over every axis is supported")
     value = float(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else 0.0
-    return [F.pad(x, _torch_pad(pads), value=value)]
+    mode = PAD_MODES[attrs.get("mode", "constant")]
+    if mode == "constant":
+        return [F.pad(x, _torch_pad(pads), value=value)]
+    # torch pads only trailing axes in these modes: pass the spatial ones
+    n = x.dim()
+    spatial = next((i for i in range(n) if pads[i] or pads[i + n]), n)
+    return [F.pad(x, _torch_pad(pads[spatial:n] + pads[n + spatial:]), mode=mode)]
 
 
 def clip(inputs: list, attrs: dict) -> list:
-    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
-    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
+    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
     return [torch.clamp(inputs[0], low, high)]
 
 
 def divide(inputs: list, attrs: dict) -> list:
     a, b = inputs
-    if not a.is_floating_point():
+    if not a.is_floating_point():  # integer Div truncates, as in C
         return [torch.div(a, b, rounding_mode="trunc")]
     return [a / b]
 
 
 def reduce_max(inputs: list, attrs: dict) -> list:
-    x, axes = inputs[0], _axes(inputs, attrs)
-    keep = bool(attrs.get("keepdims", 1))
-    if not axes:
-        y = x.amax()
-        return [y.reshape([1] * x.dim()) if keep else y]
-    return [x.amax(dim=axes, keepdim=keep)]
+    x, keep = inputs[0], bool(attrs.get("keepdims", 1))
+    return [x.amax(dim=attrs.get("axes", list(range(x.dim()))), keepdim=keep)]
 
 
 def _unary(function: Callable[[Tensor], Tensor]) -> OpFunction:
@@ -289,9 +323,10 @@ OPS: dict[str, OpFunction] = {
     "GlobalMaxPool": lambda inputs, attrs: [inputs[0].amax(dim=tuple(range(2, inputs[0].dim())), keepdim=True)],
     "Flatten": flatten, "Reshape": reshape, "Squeeze": squeeze, "Unsqueeze": unsqueeze,
     "Transpose": lambda inputs, attrs: [inputs[0].permute(attrs.get("perm", list(reversed(range(inputs[0].dim())))))],
-    "Concat": lambda inputs, attrs: [torch.cat([t for t in inputs if t is not None], dim=attrs["axis"])],
+    "Concat": lambda inputs, attrs: [torch.cat(inputs, dim=attrs["axis"])],
     "BatchNormalization": batch_norm,
     "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
+    # an evaluation graph: Dropout passes its input through whatever its training_mode input says
     "Dropout": lambda inputs, attrs: [inputs[0], torch.ones_like(inputs[0], dtype=torch.bool)],
     "Identity": _unary(lambda x: x), "Constant": constant,
     "Shape": shape, "Gather": gather, "Pad": pad, "ReduceMax": reduce_max,
@@ -302,7 +337,8 @@ OPS: dict[str, OpFunction] = {
 }
 
 
-def _op_key(node: onnx.NodeProto) -> str:
+def op_key(node: onnx.NodeProto) -> str:
+    """The node's key in ``OPS``: the op type, prefixed by its domain outside the default one."""
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
 
@@ -318,6 +354,20 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return attrs
 
 
+def _refusal(node: onnx.NodeProto, attrs: dict) -> str | None:
+    """Why ``node`` cannot run through ``OPS``, or None when it can."""
+    key = op_key(node)
+    if key not in OPS:
+        return "op not supported by the torch executor"
+    if key == "Constant" and (len(attrs) != 1 or not set(attrs) <= set(CONSTANT_ATTRIBUTES)):
+        return f"attributes {', '.join(sorted(attrs))} not supported (only {', '.join(CONSTANT_ATTRIBUTES)})"
+    if key == "Pad" and attrs.get("mode", "constant") not in PAD_MODES:
+        return f"mode '{attrs['mode']}' not supported (only {', '.join(PAD_MODES)})"
+    if key == "Cast" and attrs["to"] not in TORCH_DTYPES:
+        return f"cast to {onnx.TensorProto.DataType.Name(attrs['to'])} not supported"
+    return None
+
+
 def trainable_initializers(model: onnx.ModelProto) -> list[str]:
     """Analog weights and biases, and compensation branch weights (not gates), in graph order."""
     names = []
@@ -330,16 +380,23 @@ def trainable_initializers(model: onnx.ModelProto) -> list[str]:
 
 
 class TorchGraph(torch.nn.Module):
-    """``model`` as a torch module: ``forward(x, noise=None)`` returns its first output."""
+    """``model`` as a torch module: ``forward(x, feed=None)`` returns its first output.
+
+    ``trainable`` names the initializers that become parameters (default:
+    ``trainable_initializers(model)``); the others are buffers.
+    """
 
     def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] | None = None):
         super().__init__()
-        self.nodes = list(model.graph.node)
-        for node in self.nodes:
-            if _op_key(node) not in OPS:
-                raise UnsupportedModelError(
-                    f"node '{node.name}' ({_op_key(node)}): op not supported by the torch executor")
-        self.attributes = [_attributes(node) for node in self.nodes]
+        if default_opset(model) != TARGET_OPSET:
+            raise UnsupportedModelError(
+                f"opset {default_opset(model)}: the torch executor runs opset {TARGET_OPSET} models (canonicalize first)")
+        nodes = list(model.graph.node)
+        attributes = [_attributes(node) for node in nodes]
+        for node, attrs in zip(nodes, attributes):
+            reason = _refusal(node, attrs)
+            if reason:
+                raise UnsupportedModelError(f"node '{node.name}' ({op_key(node)}): {reason}")
         self.analog_layers: list[AnalogLayer] = analog_layers(model)
         self.noise = {n.name: n for n in noise_inputs(model)}
         inits = {t.name: t for t in model.graph.initializer}
@@ -348,68 +405,74 @@ class TorchGraph(torch.nn.Module):
             raise UnsupportedModelError(f"expected one data input, found {len(data)} ({', '.join(data)})")
         self.input_name = data[0]
         self.output_names = [o.name for o in model.graph.output]
+
         trainable = set(trainable_initializers(model) if trainable is None else trainable)
+        constants = {name: torch.from_numpy(numpy_helper.to_array(t).copy()) for name, t in inits.items()}
+        # a Constant node is an initializer written another way: computed once, moved with the module
+        for node, attrs in zip(nodes, attributes):
+            if node.op_type == "Constant":
+                constants[node.output[0]] = constant([], attrs)[0]
+        self.nodes = [(node, attrs) for node, attrs in zip(nodes, attributes) if node.op_type != "Constant"]
         self.params = torch.nn.ParameterDict()
-        self._slots: dict[str, tuple[str, str]] = {}  # initializer name -> ("p" | "b", key)
-        for index, (name, tensor) in enumerate(inits.items()):
-            value = torch.from_numpy(numpy_helper.to_array(tensor).copy())
+        # ONNX name -> key in ``params`` or buffer name (ParameterDict keys cannot hold '.')
+        self._keys: dict[str, str] = {}
+        for index, (name, value) in enumerate(constants.items()):
             key = f"t{index}"
             if name in trainable:
                 self.params[key] = torch.nn.Parameter(value)
-                self._slots[name] = ("p", key)
             else:
                 self.register_buffer(key, value)
-                self._slots[name] = ("b", key)
-        self.generator: torch.Generator | None = None
+            self._keys[name] = key
+        self._generator: torch.Generator | None = None
         self.seed(0)
 
     def seed(self, seed: int) -> None:
         """Reseed the generator that draws unfed noise inputs."""
         self._seed = seed
-        self.generator = None  # created on the module's device at the next draw
+        self._generator = None  # created on the module's device at the next draw
 
     def tensor(self, name: str) -> Tensor:
-        kind, key = self._slots[name]
-        return self.params[key] if kind == "p" else getattr(self, key)
+        """The current value of initializer (or Constant output) ``name``."""
+        key = self._keys[name]
+        return self.params[key] if key in self.params else getattr(self, key)
 
     def parameter(self, name: str) -> torch.nn.Parameter:
-        kind, key = self._slots[name]
-        if kind != "p":
+        key = self._keys[name]
+        if key not in self.params:
             raise KeyError(f"initializer '{name}' is not trainable")
         return self.params[key]
 
     def named_onnx_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        for name, (kind, key) in self._slots.items():
-            if kind == "p":
+        """(initializer name, parameter) for every trainable initializer."""
+        for name, key in self._keys.items():
+            if key in self.params:
                 yield name, self.params[key]
 
     def weight(self, layer: AnalogLayer) -> Tensor:
         return self.tensor(layer.weight)
 
     def _draw(self, device: torch.device) -> dict[str, Tensor]:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self._seed)
-        draws = {}
-        for name, noise in self.noise.items():
-            if noise.noise.distribution == "normal":
-                draws[name] = torch.randn(noise.shape, generator=self.generator, device=device)
-            else:
-                draws[name] = torch.rand(noise.shape, generator=self.generator, device=device)
-        return draws
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        draw = {"normal": torch.randn, "uniform": torch.rand}
+        return {name: draw[noise.noise.distribution](noise.shape, generator=self._generator, device=device)
+                for name, noise in self.noise.items()}
 
     def forward(self, x: Tensor, feed: dict[str, Tensor] | None = None, outputs: Sequence[str] | None = None):
         """The first graph output, or a dict of the tensors named in ``outputs``.
 
-        ``feed`` overrides graph inputs or initializers by name: noise draws (those not fed are
-        drawn from the module's generator), compensation gates.
+        ``feed`` overrides graph inputs or initializers by name: noise draws (when any noise input
+        is not fed, all are drawn from the module's generator first, so one call is one chip) and
+        compensation gates.
         """
-        values: dict[str, Tensor] = {name: self.tensor(name) for name in self._slots}
+        feed = feed or {}
+        values: dict[str, Tensor] = {name: self.tensor(name) for name in self._keys}
         values[self.input_name] = x
-        if self.noise and not set(self.noise) <= set(feed or {}):
+        if not set(self.noise) <= set(feed):
             values.update(self._draw(x.device))
-        values.update(feed or {})
-        for node, attrs in zip(self.nodes, self.attributes):
-            results = OPS[_op_key(node)]([values[i] if i else None for i in node.input], attrs)
+        values.update(feed)
+        for node, attrs in self.nodes:
+            results = OPS[op_key(node)]([values[i] if i else None for i in node.input], attrs)
             values.update(zip(node.output, results))
         if outputs is not None:
             return {name: values[name] for name in outputs}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

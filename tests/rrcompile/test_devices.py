@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_MODEL, run
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from rrcompile.devices import DEVICE_MODELS, LogNormalVariation, parse_device, parse_models, simulated_device
 from rrcompile.errors import DeviceSpecError
