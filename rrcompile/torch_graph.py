@@ -108,10 +108,10 @@ def _conv(x: Tensor, w: Tensor, bias, strides, pads, dilations, group: int = 1) 
 
 
 def _pool_pads(attrs: dict, spatial: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(the pads ONNX asks for, the extra end pads that complete ceil-mode windows).
+    """(the pads onnxruntime applies, the same pads with the ends grown to complete ceil-mode windows).
 
-    With both applied, a floor-mode torch pool gives onnxruntime's output size: in ceil mode that
-    is ``ceil((size + pads - span) / stride) + 1`` less one if the last window would start past
+    Over the second, a floor-mode torch pool gives onnxruntime's output size: in ceil mode that
+    is ``ceil((size + pads - span) / stride) + 1``, less one if the last window would start past
     the input and its begin pad.
     """
     kernel = attrs["kernel_shape"]
@@ -124,14 +124,14 @@ def _pool_pads(attrs: dict, spatial: Sequence[int]) -> tuple[list[int], list[int
     else:
         pads = _pads(attrs, spatial, kernel, strides, dilations)
     ceil_mode = attrs.get("ceil_mode", 0)
-    extra = []
+    ends = []
     for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
         padded, span = size + pads[i] + pads[i + n], (k - 1) * d + 1
         outputs = (-(-(padded - span) // s) if ceil_mode else (padded - span) // s) + 1
         if ceil_mode and (outputs - 1) * s >= size + pads[i]:
             outputs -= 1
-        extra.append(max(0, (outputs - 1) * s + span - padded))
-    return pads, [0] * n + extra
+        ends.append(pads[i + n] + max(0, (outputs - 1) * s + span - padded))
+    return pads, pads[:n] + ends
 
 
 def _onnxruntime_same_pool_pads(auto_pad: str, spatial: Sequence[int], kernel: Sequence[int],
@@ -150,8 +150,9 @@ def _onnxruntime_same_pool_pads(auto_pad: str, spatial: Sequence[int], kernel: S
 def max_pool(inputs: list, attrs: dict) -> list:
     x, kernel = inputs[0], attrs["kernel_shape"]
     n = len(kernel)
-    pads, extra = _pool_pads(attrs, x.shape[2:])
-    x = F.pad(x, _torch_pad([a + b for a, b in zip(pads, extra)]), value=-math.inf)
+    _, window_pads = _pool_pads(attrs, x.shape[2:])
+    if any(window_pads):
+        x = F.pad(x, _torch_pad(window_pads), value=-math.inf)
     function = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
     return [function(x, kernel, attrs.get("strides", [1] * n), 0, attrs.get("dilations", [1] * n))]
 
@@ -161,14 +162,15 @@ def average_pool(inputs: list, attrs: dict) -> list:
     n = len(kernel)
     strides = attrs.get("strides", [1] * n)
     function = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
-    pads, extra = _pool_pads(attrs, x.shape[2:])
-    if not any(pads) and not any(extra):
+    pads, window_pads = _pool_pads(attrs, x.shape[2:])
+    if not any(window_pads):
         return [function(x, kernel, strides)]
     # sum over the zero-padded input, divided by the cells each window counts: the input's, the
-    # ONNX pads' too with count_include_pad, never the ceil-mode extension
+    # pads' too with count_include_pad, never the ceil-mode extension
     counted = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads), value=float(attrs.get("count_include_pad", 0)))
-    sums = function(F.pad(x, _torch_pad([a + b for a, b in zip(pads, extra)])), kernel, strides)
-    return [sums / function(F.pad(counted, _torch_pad(extra)), kernel, strides)]
+    extension = [window - pad for window, pad in zip(window_pads, pads)]
+    sums = function(F.pad(x, _torch_pad(window_pads)), kernel, strides)
+    return [sums / function(F.pad(counted, _torch_pad(extension)), kernel, strides)]
 
 
 def gemm(inputs: list, attrs: dict) -> list:
@@ -252,10 +254,12 @@ def pad(inputs: list, attrs: dict) -> list:
     mode = PAD_MODES[attrs.get("mode", "constant")]
     if mode == "constant":
         return [F.pad(x, _torch_pad(pads), value=value)]
-    # torch pads only trailing axes in these modes: pass the spatial ones
+    # in these modes torch pads the last one to three axes of a tensor with one or two axes more
     n = x.dim()
-    spatial = next((i for i in range(n) if pads[i] or pads[i + n]), n)
-    return [F.pad(x, _torch_pad(pads[spatial:n] + pads[n + spatial:]), mode=mode)]
+    first = max(n - 3, 1)
+    if any(pads[:first] + pads[n:n + first]):
+        raise UnsupportedModelError(f"Pad in {attrs['mode']} mode: padding the first {first} axes of a rank-{n} tensor is not supported")
+    return [F.pad(x, _torch_pad(pads[first:n] + pads[n + first:]), mode=mode)]
 
 
 def clip(inputs: list, attrs: dict) -> list:
