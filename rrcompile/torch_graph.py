@@ -18,6 +18,11 @@ The ``ai.rrcompile`` ops run through the device models' own torch versions
 either fed (then torch and onnxruntime agree on the same draws) or, when not fed, drawn inside
 ``forward`` from the module's seeded generator: one draw per call, i.e. one chip per mini-batch.
 Initializer-backed inputs (compensation gates) can be overridden by the same feed.
+
+``TorchGraph(model, layer_modules=True)`` runs every analog layer whose weight is a plain
+initializer as a ``torch.nn`` layer (``ConvNd`` fed its ONNX padding explicitly, ``Linear``)
+held in ``layers``, keyed by node name: tools that act on standard layers (aihwkit's
+``convert_to_analog``, torch's quantization and pruning) then see the network as they expect.
 """
 from __future__ import annotations
 
@@ -372,6 +377,34 @@ def _refusal(node: onnx.NodeProto, attrs: dict) -> str | None:
     return None
 
 
+def _linear_scales(node: onnx.NodeProto, attrs: dict) -> tuple[float, float]:
+    """Gemm's (alpha, beta), which a ``Linear`` holds folded into its weight and bias."""
+    return (attrs.get("alpha", 1.0), attrs.get("beta", 1.0)) if node.op_type == "Gemm" else (1.0, 1.0)
+
+
+def _layer_module(node: onnx.NodeProto, attrs: dict, weight: Tensor, bias: Tensor | None) -> torch.nn.Module:
+    """The ``torch.nn`` layer computing analog ``node`` (Conv padding is applied before it)."""
+    if node.op_type == "Conv":
+        n = weight.dim() - 2
+        group = attrs.get("group", 1)
+        module = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[n - 1](
+            weight.shape[1] * group, weight.shape[0], tuple(weight.shape[2:]), stride=attrs.get("strides", [1] * n),
+            padding=0, dilation=attrs.get("dilations", [1] * n), groups=group, bias=bias is not None)
+        matrix, alpha, beta = weight, 1.0, 1.0
+    else:
+        if attrs.get("transA", 0) or weight.dim() != 2 or (bias is not None and bias.numel() != bias.shape[-1]):
+            raise UnsupportedModelError(f"node '{node.name}' ({node.op_type}): no torch.nn.Linear for transA or for weight "
+                                        f"{list(weight.shape)} with bias {None if bias is None else list(bias.shape)}")
+        alpha, beta = _linear_scales(node, attrs)
+        matrix = weight if attrs.get("transB", 0) else weight.T
+        module = torch.nn.Linear(matrix.shape[1], matrix.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        module.weight.copy_(alpha * matrix)
+        if bias is not None:
+            module.bias.copy_(beta * bias.reshape(-1))
+    return module
+
+
 def trainable_initializers(model: onnx.ModelProto) -> list[str]:
     """Analog weights and biases, and compensation branch weights (not gates), in graph order."""
     names = []
@@ -387,10 +420,11 @@ class TorchGraph(torch.nn.Module):
     """``model`` as a torch module: ``forward(x, feed=None)`` returns its first output.
 
     ``trainable`` names the initializers that become parameters (default:
-    ``trainable_initializers(model)``); the others are buffers.
+    ``trainable_initializers(model)``); the others are buffers. With ``layer_modules`` the analog
+    layers are ``torch.nn`` layers in ``layers`` instead (their weights leave ``params``).
     """
 
-    def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] | None = None):
+    def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] | None = None, *, layer_modules: bool = False):
         super().__init__()
         if default_opset(model) != TARGET_OPSET:
             raise UnsupportedModelError(
@@ -417,6 +451,17 @@ class TorchGraph(torch.nn.Module):
             if node.op_type == "Constant":
                 constants[node.output[0]] = constant([], attrs)[0]
         self.nodes = [(node, attrs) for node, attrs in zip(nodes, attributes) if node.op_type != "Constant"]
+        self.layers = torch.nn.ModuleDict()
+        self._layer_of: dict[str, AnalogLayer] = {}  # node name -> layer, for those in ``layers``
+        if layer_modules:
+            for layer in self.analog_layers:
+                node, attrs = next((n, a) for n, a in self.nodes if n.name == layer.node)
+                uses = sum(name in (layer.weight, layer.bias) for n, _ in self.nodes for name in n.input)
+                if node.input[1] != layer.weight or uses != 1 + bool(layer.bias):  # varied, or shared
+                    continue
+                bias = constants.pop(layer.bias) if layer.bias else None
+                self.layers[f"l{len(self.layers)}"] = _layer_module(node, attrs, constants.pop(layer.weight), bias)
+                self._layer_of[node.name] = layer
         self.params = torch.nn.ParameterDict()
         # ONNX name -> key in ``params`` or buffer name (ParameterDict keys cannot hold '.')
         self._keys: dict[str, str] = {}
@@ -475,7 +520,11 @@ class TorchGraph(torch.nn.Module):
         if not set(self.noise) <= set(feed):
             values.update(self._draw(x.device))
         values.update(feed)
+        modules = dict(zip(self._layer_of, self.layers.values()))
         for node, attrs in self.nodes:
+            if node.name in modules:
+                values[node.output[0]] = self._run_layer(node, attrs, modules[node.name], values[node.input[0]])
+                continue
             results = OPS[op_key(node)]([values[i] if i else None for i in node.input], attrs)
             values.update(zip(node.output, results))
         if outputs is not None:
@@ -483,12 +532,33 @@ class TorchGraph(torch.nn.Module):
         return values[self.output_names[0]]
 
 
+    def _run_layer(self, node: onnx.NodeProto, attrs: dict, module: torch.nn.Module, x: Tensor) -> Tensor:
+        if node.op_type == "Conv":
+            shape = self._layer_of[node.name].weight_shape
+            n = len(shape) - 2
+            x = F.pad(x, _torch_pad(_pads(attrs, x.shape[2:], shape[2:], attrs.get("strides", [1] * n),
+                                          attrs.get("dilations", [1] * n))))
+        return module(x)
+
+    def layer_initializers(self) -> Iterator[tuple[str, Tensor]]:
+        """(initializer name, value in the ONNX layout) for the weights held by ``layers``."""
+        for (name, layer), module in zip(self._layer_of.items(), self.layers.values()):
+            node, attrs = next((n, a) for n, a in self.nodes if n.name == name)
+            alpha, beta = _linear_scales(node, attrs)
+            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
+            yield layer.weight, (module.weight.T if transposed else module.weight) / alpha
+            if layer.bias:
+                yield layer.bias, module.bias / beta
+
+
 def write_back(module: TorchGraph, model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers hold ``module``'s trained parameters (same names, dtypes)."""
-    trained = {name: p.detach().cpu().numpy() for name, p in module.named_onnx_parameters()}
+    trained = {name: p.detach().cpu().numpy()
+               for name, p in [*module.named_onnx_parameters(), *module.layer_initializers()]}
     result = onnx.ModelProto.FromString(model.SerializeToString())
     for initializer in result.graph.initializer:
         if initializer.name in trained:
             dtype = helper.tensor_dtype_to_np_dtype(initializer.data_type)
-            initializer.CopyFrom(numpy_helper.from_array(trained[initializer.name].astype(dtype), initializer.name))
+            initializer.CopyFrom(numpy_helper.from_array(
+                trained[initializer.name].astype(dtype).reshape(tuple(initializer.dims)), initializer.name))
     return result

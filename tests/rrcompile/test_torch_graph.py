@@ -302,3 +302,34 @@ def test_write_back_keeps_the_graph_and_carries_trained_weights(digits):
     assert all(not np.array_equal(after[name], before[name]) for name, _ in module.named_onnx_parameters())
     np.testing.assert_array_equal(after["conv1.weight"], module.parameter("conv1.weight").detach().numpy())
     np.testing.assert_allclose(run(trained, x.numpy()), module(x).detach().numpy(), **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", sorted(QUIRK_MODELS))
+def test_layer_modules_compute_what_the_op_table_computes(name):
+    original, original_x = QUIRK_MODELS[name]()
+    model = canonicalize(original)
+    modules = TorchGraph(model, layer_modules=True)
+    assert len(modules.layers) == len(modules.analog_layers)
+    assert all(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) for m in modules.layers.values())
+    x = RNG.standard_normal((3, *original_x.shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(torch_run(modules, x), run(model, x), **TOLERANCE)
+
+
+def test_layer_modules_write_back_in_the_onnx_layout():
+    model = graph_model([helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="fc", alpha=0.5, beta=2.0)], [4, 3],
+                        {"W": w(3, 5), "B": w(1, 5)})  # transB=0: Linear holds alpha * W transposed
+    module = TorchGraph(model, layer_modules=True)
+    with torch.no_grad():
+        module.layers["l0"].weight.mul_(2)
+    trained = write_back(module, model)
+    after = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer}
+    np.testing.assert_array_equal(after["W"], 2 * numpy_helper.to_array(model.graph.initializer[0]))
+    assert after["B"].shape == (1, 5)
+    x = w(4, 3)
+    np.testing.assert_allclose(run(trained, x), torch_run(module, x), **TOLERANCE)
+
+
+def test_layer_modules_refuse_a_gemm_linear_cannot_express():
+    model = graph_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transA=1)], [3, 4], {"W": w(3, 5)})
+    with pytest.raises(UnsupportedModelError, match=r"node 'fc' \(Gemm\): no torch.nn.Linear for transA"):
+        TorchGraph(model, layer_modules=True)
