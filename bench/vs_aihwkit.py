@@ -6,9 +6,9 @@
    multiplies every programmed conductance by ``exp(theta)`` and ideal periphery (no ADC/DAC, no
    read noise), so both simulate ``w * exp(theta)`` and their accuracies must agree within
    sampling error. A chip is one programming of every weight, over the whole test set. Both are
-   timed interleaved in one run (``--rounds``) and reported as images x chips per second, against
-   aihwkit's faster inference tile (``TorchInferenceRPUConfig``); its C++ tile
-   (``InferenceRPUConfig``, about 15x slower here) is timed on ``--reference-chips`` chips only.
+   timed interleaved in one run (``--rounds``) and reported as images x chips per second, aihwkit
+   with each of its inference tiles (``InferenceRPUConfig``, the C++ simulator, and
+   ``TorchInferenceRPUConfig``); the ratio printed last is against the faster of the two.
    aihwkit's own PCM noise model (``PCMLikeNoiseModel``, 1 hour after programming, its default
    periphery) is evaluated too, for reference.
 2. Hardware-aware training at the same epochs, from the same pretrained weights, each result
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -158,7 +157,6 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--chips", type=int, default=20, help="chips per simulator and round in the timing")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
-    parser.add_argument("--reference-chips", type=int, default=2, help="chips for aihwkit's slower C++ tile")
     parser.add_argument("--epochs", type=int, default=3, help="hardware-aware training epochs, every method")
     parser.add_argument("--samples", type=int, default=100, help="chips for the training comparison")
     parser.add_argument("--seed", type=int, default=0)
@@ -183,11 +181,15 @@ def main() -> None:
 
     # 1. Monte Carlo throughput, the same device in both, interleaved rounds
     evaluator = MonteCarloEvaluator(model, device)
+    def aihwkit_simulator(rpu_config):
+        analog = analog_lenet(model, ideal_periphery(rpu_config))
+        return lambda chips: aihwkit_chips(analog, x_test, test.y, chips, args.seed)
+
     simulators = {
         "rrcompile": lambda chips: rrcompile_chips(evaluator, x_test, test.y, chips, args.seed),
-        "aihwkit (TorchInferenceRPUConfig)": lambda chips, analog=analog_lenet(model, ideal_periphery(
-            TorchInferenceRPUConfig(noise_model=LogNormalNoiseModel(args.sigma)))): aihwkit_chips(
-                analog, x_test, test.y, chips, args.seed),
+        "aihwkit (InferenceRPUConfig)": aihwkit_simulator(InferenceRPUConfig(noise_model=LogNormalNoiseModel(args.sigma))),
+        "aihwkit (TorchInferenceRPUConfig)": aihwkit_simulator(
+            TorchInferenceRPUConfig(noise_model=LogNormalNoiseModel(args.sigma))),
     }
     runs: dict[str, list[Timed]] = {name: [] for name in simulators}
     for round_ in range(args.rounds):
@@ -195,18 +197,14 @@ def main() -> None:
         for name, run in simulators.items():
             runs[name].append(run(chips))
             print(f"  round {round_ + 1}: {name} {args.chips} chips in {runs[name][-1].seconds:.1f} s", flush=True)
-    references = {
-        "aihwkit (InferenceRPUConfig, C++ tile)": aihwkit_chips(analog_lenet(model, ideal_periphery(InferenceRPUConfig(
-            noise_model=LogNormalNoiseModel(args.sigma)))), x_test, test.y, range(args.reference_chips), args.seed),
-        "aihwkit PCMLikeNoiseModel, t = 1 h": aihwkit_chips(analog_lenet(model, TorchInferenceRPUConfig(
-            noise_model=PCMLikeNoiseModel())), x_test, test.y, range(args.chips), args.seed, t_inference=3600.0),
-    }
+    pcm = aihwkit_chips(analog_lenet(model, TorchInferenceRPUConfig(noise_model=PCMLikeNoiseModel())), x_test, test.y,
+                        range(args.chips), args.seed, t_inference=3600.0)
 
     def throughput(name: str) -> float:
         return sum(len(r.accuracies) for r in runs[name]) * len(test.y) / sum(r.seconds for r in runs[name])
 
     rows, report = [], {"machine": machine, "args": vars(args), "monte_carlo": {}, "training": {}}
-    for name, timed in [*runs.items(), *((name, [timed]) for name, timed in references.items())]:
+    for name, timed in [*runs.items(), ("aihwkit PCMLikeNoiseModel, t = 1 h", [pcm])]:
         accuracies = [a for r in timed for a in r.accuracies]
         speed = sum(len(r.accuracies) for r in timed) * len(test.y) / sum(r.seconds for r in timed)
         rows.append([name, len(accuracies), percent(float(np.mean(accuracies))), percent(float(np.std(accuracies))),
@@ -242,10 +240,10 @@ def main() -> None:
               f"lognormal:sigma={args.sigma:g}, full test set:\n")
         print(format_table(["method", "clean", "mean", "5th pct", "worst", "yield", "training"], rows, markdown=True))
 
-    ratio = throughput("rrcompile") / throughput("aihwkit (TorchInferenceRPUConfig)")
+    ratio = throughput("rrcompile") / max(throughput(name) for name in simulators if name != "rrcompile")
     report["throughput_ratio"] = ratio
     write_json(report, args.json)
-    print(f"\nMonte Carlo throughput, rrcompile / aihwkit (TorchInferenceRPUConfig), timed interleaved: {ratio:.1f}x")
+    print(f"\nMonte Carlo throughput, rrcompile / the faster aihwkit tile, timed interleaved: {ratio:.1f}x")
 
 
 if __name__ == "__main__":
