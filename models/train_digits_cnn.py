@@ -8,8 +8,6 @@ so the file has stable, readable node and weight names and is byte-identical for
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+
+from rrcompile.io import atomic_write
 
 EPOCHS = 50
 BATCH = 64
@@ -95,21 +95,6 @@ def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], {"image": x})[0]
 
 
-def write_atomic(data: bytes, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the file the mode a plain open() would
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -131,7 +116,8 @@ def main() -> None:
     helper.set_model_props(model, {"dataset": "digits", "preprocess": "scale=255 mean=0 std=1",
                                    "test_accuracy": f"{acc:.4f}"})
     onnx.checker.check_model(model, full_check=True)
-    write_atomic(model.SerializeToString(), args.output)
+    with atomic_write(args.output) as tmp:
+        tmp.write_bytes(model.SerializeToString())
     params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.output}: {params} params, test accuracy {acc:.4f} ({len(y_test)} samples)")
 

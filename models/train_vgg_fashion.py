@@ -10,8 +10,6 @@ stable, readable node and weight names and is byte-identical for the same ``--se
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from rrcompile.data import load_data
+from rrcompile.io import atomic_write
 
 EPOCHS = 6
 BATCH = 128
@@ -112,21 +111,6 @@ def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(["logits"], {"image": x[i:i + 1000]})[0] for i in range(0, len(x), 1000)])
 
 
-def write_atomic(data: bytes, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the file the mode a plain open() would
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -155,7 +139,8 @@ def main() -> None:
     helper.set_model_props(model, {"dataset": "fashion-mnist", "preprocess": "scale=255 mean=0 std=1",
                                    "test_accuracy": f"{acc:.4f}"})
     onnx.checker.check_model(model, full_check=True)
-    write_atomic(model.SerializeToString(), args.output)
+    with atomic_write(args.output) as tmp:
+        tmp.write_bytes(model.SerializeToString())
     params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.output}: {params} params, test accuracy {acc:.4f} ({len(test_set.y)} samples), "
           f"trained {args.epochs} epochs in {seconds:.0f} s")

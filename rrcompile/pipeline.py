@@ -52,7 +52,7 @@ class CompileOptions:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     beta: float = 0.01
     lipschitz_form: str = "spectral"
-    budget: float = 0.05  # sets each candidate's rank (per layer) and caps the kept ones' total, both
+    budget: float = 0.03  # sets each candidate's rank (per layer) and caps the kept ones' total, both
     # as a fraction of analog weights
     train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
     final_epochs: int = 1
