@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
-from rrcompile.io import atomic_write
+from onnx_export import classifier_model, write_checked
 
 EPOCHS = 50
 BATCH = 64
@@ -77,22 +76,8 @@ def to_onnx(net: nn.Sequential) -> onnx.ModelProto:
         helper.make_node("Relu", ["fc1_out"], ["relu3_out"], "relu3"),
         helper.make_node("Gemm", ["relu3_out", "fc2.weight", "fc2.bias"], ["logits"], "fc2", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "digits_cnn",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name=PRODUCER,
-                              doc_string="Small CNN classifier for scikit-learn digits; input is raw pixels / 255.")
-    model.ir_version = 9  # pinned: the onnx default tracks the installed version and may outrun onnxruntime
-    return model
-
-
-def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], {"image": x})[0]
+    return classifier_model("digits_cnn", nodes, inits, [1, 8, 8], PRODUCER,
+                            "Small CNN classifier for scikit-learn digits; input is raw pixels / 255.")
 
 
 def main() -> None:
@@ -110,14 +95,7 @@ def main() -> None:
         ref = net(torch.from_numpy(x_test)).numpy()
 
     model = to_onnx(net)
-    logits = run_ort(model, x_test)
-    assert np.allclose(logits, ref, rtol=0, atol=1e-4), f"onnxruntime differs from torch by {np.abs(logits - ref).max()}"
-    acc = float((logits.argmax(1) == y_test).mean())
-    helper.set_model_props(model, {"dataset": "digits", "preprocess": "scale=255 mean=0 std=1",
-                                   "test_accuracy": f"{acc:.4f}"})
-    onnx.checker.check_model(model, full_check=True)
-    with atomic_write(args.output) as tmp:
-        tmp.write_bytes(model.SerializeToString())
+    acc = write_checked(model, ref, x_test, y_test, "digits", args.output)
     params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.output}: {params} params, test accuracy {acc:.4f} ({len(y_test)} samples)")
 

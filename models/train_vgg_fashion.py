@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
+from onnx_export import classifier_model, write_checked
 from rrcompile.data import load_data
-from rrcompile.io import atomic_write
 
 EPOCHS = 6
 BATCH = 128
@@ -93,22 +92,8 @@ def to_onnx(net: nn.Sequential) -> onnx.ModelProto:
         helper.make_node("Relu", ["fc1_out"], ["relu7_out"], "relu7"),
         helper.make_node("Gemm", ["relu7_out", "fc2.weight", "fc2.bias"], ["logits"], "fc2", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "vgg_fashion",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name=PRODUCER,
-                              doc_string="VGG-style CNN classifier for Fashion-MNIST; input is raw pixels / 255.")
-    model.ir_version = 9  # pinned: the onnx default tracks the installed version and may outrun onnxruntime
-    return model
-
-
-def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(["logits"], {"image": x[i:i + 1000]})[0] for i in range(0, len(x), 1000)])
+    return classifier_model("vgg_fashion", nodes, inits, [1, 28, 28], PRODUCER,
+                            "VGG-style CNN classifier for Fashion-MNIST; input is raw pixels / 255.")
 
 
 def main() -> None:
@@ -133,14 +118,7 @@ def main() -> None:
         ref = torch.cat([net(xb) for xb in torch.from_numpy(x_test).split(1000)]).numpy()
 
     model = to_onnx(net)
-    logits = run_ort(model, x_test)
-    assert np.allclose(logits, ref, rtol=0, atol=1e-4), f"onnxruntime differs from torch by {np.abs(logits - ref).max()}"
-    acc = float((logits.argmax(1) == test_set.y).mean())
-    helper.set_model_props(model, {"dataset": "fashion-mnist", "preprocess": "scale=255 mean=0 std=1",
-                                   "test_accuracy": f"{acc:.4f}"})
-    onnx.checker.check_model(model, full_check=True)
-    with atomic_write(args.output) as tmp:
-        tmp.write_bytes(model.SerializeToString())
+    acc = write_checked(model, ref, x_test, test_set.y, "fashion-mnist", args.output)
     params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.output}: {params} params, test accuracy {acc:.4f} ({len(test_set.y)} samples), "
           f"trained {args.epochs} epochs in {seconds:.0f} s")
