@@ -8,8 +8,8 @@ For each model and log-normal sigma, on the test set over the same ``--samples``
 - compiled: ``rrcompile compile`` (Lipschitz on sampled chips + RL-chosen compensation), with its
   extra weights and wall time.
 
-Every method fine-tunes for the benchmark's own epochs (digits has 1,437 training images, about 11
-steps an epoch, so it takes ten times the epochs of the MNIST-sized sets and a longer patience).
+Every method fine-tunes for the benchmark's own epochs: 5 on the MNIST-sized sets; 30, with a
+longer patience, on digits (1,437 training images, about 11 steps an epoch).
 Trained models and per-cell results (with every chip's accuracy) are cached under ``--out`` (keyed
 by model, sigma, seed, epochs and budget), so a rerun only computes what is missing; ``--fresh``
 recomputes. Prints one Markdown table and writes
@@ -50,7 +50,7 @@ class Benchmark:
     data: str
     mean: str = "0"
     std: str = "1"
-    epochs: int = 3
+    epochs: int = 5
     patience: int = 2  # epochs without a better validation result before fine-tuning stops
 
 

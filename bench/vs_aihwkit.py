@@ -20,7 +20,7 @@
 aihwkit is optional (``bench/README.md`` says how to build it); without it the script says so and
 exits with code 2. The ratio of Monte Carlo throughputs is printed last.
 
-    python bench/vs_aihwkit.py [--sigma 0.5] [--chips 20] [--rounds 2] [--epochs 3] [--samples 100]
+    python bench/vs_aihwkit.py [--sigma 0.5] [--chips 20] [--rounds 2] [--epochs 5] [--samples 100]
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--chips", type=int, default=20, help="chips per simulator and round in the timing")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
-    parser.add_argument("--epochs", type=int, default=3, help="hardware-aware training epochs, every method")
+    parser.add_argument("--epochs", type=int, default=5, help="hardware-aware training epochs, every method")
     parser.add_argument("--samples", type=int, default=100, help="chips for the training comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="only the Monte Carlo comparison")

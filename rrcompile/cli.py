@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
     co.add_argument("--lipschitz", type=float, default=0.01, metavar="BETA")
     co.add_argument("--lipschitz-form", default="spectral", help="spectral or orthogonal")
-    co.add_argument("--epochs", type=int, default=3, help="Lipschitz fine-tuning epochs")
+    co.add_argument("--epochs", type=int, default=5, help="Lipschitz fine-tuning epochs")
     co.add_argument("--budget", type=float, default=0.03,
                     help="compensation weights as a fraction of analog weights: per candidate (its rank) and in total")
     co.add_argument("--compensation-epochs", type=int, default=2)
