@@ -11,7 +11,7 @@ For each model and log-normal sigma, on the test set over the same ``--samples``
 Every method fine-tunes for the benchmark's own epochs: 5 on the MNIST-sized sets; 30, with a
 longer patience, on digits (1,437 training images, about 11 steps an epoch).
 Trained models and per-cell results (with every chip's accuracy) are cached under ``--out`` (keyed
-by model, sigma, seed, epochs and budget), so a rerun only computes what is missing; ``--fresh``
+by model, sigma, seed, epochs, patience and budget), so a rerun only computes what is missing; ``--fresh``
 recomputes. Prints one Markdown table and writes
 ``paper_table.json`` and, per model, ``<model>.sigma.png`` (accuracy against sigma per method).
 
@@ -51,7 +51,7 @@ class Benchmark:
     mean: str = "0"
     std: str = "1"
     epochs: int = 5
-    patience: int = 2  # epochs without a better validation result before fine-tuning stops
+    patience: int = 3  # epochs without a better validation result before fine-tuning stops
 
 
 BENCHMARKS = {
@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--sigmas", default="0.3,0.5,0.7")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs for every model (default: each benchmark's own)")
-    parser.add_argument("--budget", type=float, default=0.03, help="compile's compensation budget (fraction of analog weights)")
+    parser.add_argument("--budget", type=float, default=0.03,
+                        help="compile's compensation budget (fraction of analog weights)")
     parser.add_argument("--beta", type=float, default=0.01, help="spectral Lipschitz penalty of the Lipschitz column")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "build" / "paper_table"))
@@ -151,7 +152,8 @@ def main() -> None:
         curves: dict[str, dict[float, ChipStats]] = {method: {} for method in METHODS}
         for sigma in (float(s) for s in args.sigmas.split(",")):
             device = parse_device(f"lognormal:sigma={sigma:g}")
-            folder = out / name / f"sigma{sigma:g}_seed{args.seed}_epochs{epochs}_budget{args.budget:g}"
+            key = f"sigma{sigma:g}_seed{args.seed}_epochs{epochs}_patience{bench.patience}_budget{args.budget:g}"
+            folder = out / name / key
             results = {}
             for method in METHODS:
                 results[method] = cell(folder / f"{method.replace(' ', '_')}.json", args.fresh,

@@ -181,6 +181,7 @@ def main() -> None:
 
     # 1. Monte Carlo throughput, the same device in both, interleaved rounds
     evaluator = MonteCarloEvaluator(model, device)
+
     def aihwkit_simulator(rpu_config):
         analog = analog_lenet(model, ideal_periphery(rpu_config))
         return lambda chips: aihwkit_chips(analog, x_test, test.y, chips, args.seed)
@@ -200,13 +201,13 @@ def main() -> None:
     pcm = aihwkit_chips(analog_lenet(model, TorchInferenceRPUConfig(noise_model=PCMLikeNoiseModel())), x_test, test.y,
                         range(args.chips), args.seed, t_inference=3600.0)
 
-    def throughput(name: str) -> float:
-        return sum(len(r.accuracies) for r in runs[name]) * len(test.y) / sum(r.seconds for r in runs[name])
+    def throughput(timed: list[Timed]) -> float:
+        return sum(len(r.accuracies) for r in timed) * len(test.y) / sum(r.seconds for r in timed)
 
     rows, report = [], {"machine": machine, "args": vars(args), "monte_carlo": {}, "training": {}}
     for name, timed in [*runs.items(), ("aihwkit PCMLikeNoiseModel, t = 1 h", [pcm])]:
         accuracies = [a for r in timed for a in r.accuracies]
-        speed = sum(len(r.accuracies) for r in timed) * len(test.y) / sum(r.seconds for r in timed)
+        speed = throughput(timed)
         rows.append([name, len(accuracies), percent(float(np.mean(accuracies))), percent(float(np.std(accuracies))),
                      percent(float(np.min(accuracies))), f"{speed:,.0f}"])
         report["monte_carlo"][name] = {"chips": len(accuracies), "mean": float(np.mean(accuracies)),
@@ -240,7 +241,7 @@ def main() -> None:
               f"lognormal:sigma={args.sigma:g}, full test set:\n")
         print(format_table(["method", "clean", "mean", "5th pct", "worst", "yield", "training"], rows, markdown=True))
 
-    ratio = throughput("rrcompile") / max(throughput(name) for name in simulators if name != "rrcompile")
+    ratio = throughput(runs["rrcompile"]) / max(throughput(timed) for name, timed in runs.items() if name != "rrcompile")
     report["throughput_ratio"] = ratio
     write_json(report, args.json)
     print(f"\nMonte Carlo throughput, rrcompile / the faster aihwkit tile, timed interleaved: {ratio:.1f}x")

@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=1e-3)
     ft.add_argument("--batch-size", type=int, default=128)
     ft.add_argument("--val-fraction", type=float, default=0.1)
-    ft.add_argument("--patience", type=int, default=2, help="epochs without a better one before stopping")
+    ft.add_argument("--patience", type=int, default=3, help="epochs without a better one before stopping")
     ft.add_argument("--seed", type=int, default=0)
     _add_preprocess(ft)
     ft.add_argument("--json", help="write the training report as JSON")
