@@ -21,7 +21,7 @@ Initializer-backed inputs (compensation gates) can be overridden by the same fee
 
 ``TorchGraph(model, layer_modules=True)`` runs every analog layer whose weight is a plain
 initializer as a ``torch.nn`` layer (``ConvNd`` fed its ONNX padding explicitly, ``Linear``)
-held in ``layers``, keyed by node name: tools that act on standard layers (aihwkit's
+held in ``layers`` in graph order: tools that act on standard layers (aihwkit's
 ``convert_to_analog``, torch's quantization and pruning) then see the network as they expect.
 """
 from __future__ import annotations
@@ -530,7 +530,6 @@ class TorchGraph(torch.nn.Module):
         if outputs is not None:
             return {name: values[name] for name in outputs}
         return values[self.output_names[0]]
-
 
     def _run_layer(self, node: onnx.NodeProto, attrs: dict, module: torch.nn.Module, x: Tensor) -> Tensor:
         if node.op_type == "Conv":
