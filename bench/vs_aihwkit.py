@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rrcompile.data import Preprocess, fit_to_input, load_data
+from rrcompile.data import Preprocess, batches, fit_to_input, load_data
 from rrcompile.devices import parse_device
 from rrcompile.evaluate import MonteCarloEvaluator, model_io
 from rrcompile.finetune import FinetuneConfig, finetune, logits_model, split_validation
@@ -108,8 +108,8 @@ def aihwkit_chips(analog: torch.nn.Module, x: np.ndarray, y: np.ndarray, chips: 
             analog.program_analog_weights()
             if t_inference:
                 analog.drift_analog_weights(t_inference)
-            correct = sum(int((analog(torch.from_numpy(x[i:i + batch])).argmax(1).numpy() == y[i:i + batch]).sum())
-                          for i in range(0, len(y), batch))
+            correct = sum(int((analog(torch.from_numpy(xb)).argmax(1).numpy() == yb).sum())
+                          for xb, yb in batches(x, y, batch))
             accuracies.append(correct / len(y))
     return Timed(accuracies, time.perf_counter() - started)
 

@@ -452,7 +452,7 @@ class TorchGraph(torch.nn.Module):
                 constants[node.output[0]] = constant([], attrs)[0]
         self.nodes = [(node, attrs) for node, attrs in zip(nodes, attributes) if node.op_type != "Constant"]
         self.layers = torch.nn.ModuleDict()
-        self._layer_of: dict[str, AnalogLayer] = {}  # node name -> layer, for those in ``layers``
+        self._layer_of: dict[str, tuple[str, AnalogLayer]] = {}  # node name -> (key in ``layers``, layer)
         if layer_modules:
             for layer in self.analog_layers:
                 node, attrs = next((n, a) for n, a in self.nodes if n.name == layer.node)
@@ -460,8 +460,9 @@ class TorchGraph(torch.nn.Module):
                 if node.input[1] != layer.weight or uses != 1 + bool(layer.bias):  # varied, or shared
                     continue
                 bias = constants.pop(layer.bias) if layer.bias else None
-                self.layers[f"l{len(self.layers)}"] = _layer_module(node, attrs, constants.pop(layer.weight), bias)
-                self._layer_of[node.name] = layer
+                key = f"l{len(self.layers)}"
+                self.layers[key] = _layer_module(node, attrs, constants.pop(layer.weight), bias)
+                self._layer_of[node.name] = (key, layer)
         self.params = torch.nn.ParameterDict()
         # ONNX name -> key in ``params`` or buffer name (ParameterDict keys cannot hold '.')
         self._keys: dict[str, str] = {}
@@ -520,10 +521,9 @@ class TorchGraph(torch.nn.Module):
         if not set(self.noise) <= set(feed):
             values.update(self._draw(x.device))
         values.update(feed)
-        modules = dict(zip(self._layer_of, self.layers.values()))
         for node, attrs in self.nodes:
-            if node.name in modules:
-                values[node.output[0]] = self._run_layer(node, attrs, modules[node.name], values[node.input[0]])
+            if node.name in self._layer_of:
+                values[node.output[0]] = self._run_layer(node, attrs, values[node.input[0]])
                 continue
             results = OPS[op_key(node)]([values[i] if i else None for i in node.input], attrs)
             values.update(zip(node.output, results))
@@ -531,18 +531,22 @@ class TorchGraph(torch.nn.Module):
             return {name: values[name] for name in outputs}
         return values[self.output_names[0]]
 
-    def _run_layer(self, node: onnx.NodeProto, attrs: dict, module: torch.nn.Module, x: Tensor) -> Tensor:
+    def _run_layer(self, node: onnx.NodeProto, attrs: dict, x: Tensor) -> Tensor:
+        key, layer = self._layer_of[node.name]
         if node.op_type == "Conv":
-            shape = self._layer_of[node.name].weight_shape
+            shape = layer.weight_shape
             n = len(shape) - 2
             x = F.pad(x, _torch_pad(_pads(attrs, x.shape[2:], shape[2:], attrs.get("strides", [1] * n),
                                           attrs.get("dilations", [1] * n))))
-        return module(x)
+        return self.layers[key](x)
 
     def layer_initializers(self) -> Iterator[tuple[str, Tensor]]:
         """(initializer name, value in the ONNX layout) for the weights held by ``layers``."""
-        for (name, layer), module in zip(self._layer_of.items(), self.layers.values()):
-            node, attrs = next((n, a) for n, a in self.nodes if n.name == name)
+        for node, attrs in self.nodes:
+            if node.name not in self._layer_of:
+                continue
+            key, layer = self._layer_of[node.name]
+            module = self.layers[key]
             alpha, beta = _linear_scales(node, attrs)
             transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
             yield layer.weight, (module.weight.T if transposed else module.weight) / alpha
