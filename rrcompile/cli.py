@@ -1,13 +1,15 @@
 """The ``rrcompile`` command line.
 
-Every user error is one line on stderr naming the culprit, exit code 2, and no output file
-(outputs are written at the very end, atomically).
+Every user error is one line on stderr naming the culprit, exit code 2, and no file changed: each
+command plans its outputs with :func:`rrcompile.io.outputs` before any work (a new command does the
+same) and they replace their targets together at the very end.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,14 +20,14 @@ import onnx
 from rrcompile import pipeline
 from rrcompile.compensate import CompensationConfig
 from rrcompile.compensation import candidates
-from rrcompile.data import Preprocess, fit_to_input, load_data
+from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
 from rrcompile.deploy import HardwareReport, deploy
-from rrcompile.devices import DeviceConfig, parse_device, simulated_device
+from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
 from rrcompile.finetune import FinetuneConfig, finetune
-from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, macs_per_sample, tensor_shapes
-from rrcompile.io import load_model, save_model
+from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, macs_per_sample, set_library_logging, tensor_shapes
+from rrcompile.io import load_model, outputs, save_model
 from rrcompile.lipschitz import FORMS, LipschitzPenalty
 from rrcompile.passes.convert_opset import default_opset
 from rrcompile.passes.insert_variation import InsertVariationPass
@@ -34,6 +36,9 @@ from rrcompile.report import format_table, percent, write_json
 
 
 DEFAULT_DEVICE = "lognormal:sigma=0.5"
+MAX_SWEEP_POINTS = 1000  # each point is a full Monte Carlo run; more is a typo, not a plan
+NO_ANALOG_LAYER = "no analog layer (Conv, Gemm or MatMul with a constant weight) in the model"
+KNOWN_DOMAINS = ("", "ai.onnx", RRCOMPILE_DOMAIN)
 
 
 @contextlib.contextmanager
@@ -59,13 +64,17 @@ def parse_sweep(text: str) -> list[float]:
             if step <= 0 or stop < start:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
+            if count > MAX_SWEEP_POINTS:
+                raise DeviceSpecError(f"--sigma-sweep '{text}': {count} points, at most {MAX_SWEEP_POINTS}")
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(p) for p in parts]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise DeviceSpecError(f"--sigma-sweep '{text}': expected a comma list like 0,0.1,0.2 or 0,0.1,...,0.8") from None
-    if not values or min(values) < 0:
-        raise DeviceSpecError(f"--sigma-sweep '{text}': sigmas must be >= 0")
+    if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
+        raise DeviceSpecError(f"--sigma-sweep '{text}': sigmas must be finite and >= 0")
+    if len(values) > MAX_SWEEP_POINTS:
+        raise DeviceSpecError(f"--sigma-sweep '{text}': {len(values)} points, at most {MAX_SWEEP_POINTS}")
     return values
 
 
@@ -75,113 +84,146 @@ def load_for_evaluation(path: str, device_spec: str | None) -> tuple[onnx.ModelP
     model = load_model(path)
     embedded = simulated_device(model)
     if embedded is None:
-        return pipeline.canonicalize(model), parse_device(device_spec or DEFAULT_DEVICE)
+        model = pipeline.canonicalize(model)
+        device = parse_device(device_spec or DEFAULT_DEVICE)
+        check_model_for_data(model)
+        device.check_patterns(analog_layers(model))
+        return model, device
     if device_spec is not None:
         raise DeviceSpecError("the model is a simulation graph with its own device; drop --device")
-    return StripSimulationPass()(model).model, embedded
+    model = StripSimulationPass()(model).model
+    check_model_for_data(model)
+    return model, embedded
+
+
+def check_model_for_data(model: onnx.ModelProto) -> None:
+    """Refuse, in one line, a canonical model that the evaluator or the trainer cannot feed or run."""
+    if not analog_layers(model):
+        raise UnsupportedModelError(NO_ANALOG_LAYER)
+    local = {f.domain for f in model.functions}
+    for node in model.graph.node:
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise UnsupportedModelError(f"node '{node.name}' ({node.domain}:{node.op_type}): op not supported "
+                                        f"(custom domain '{node.domain}' is unknown to onnxruntime and rrcompile)")
+    name, _ = model_io(model)
+    (value,) = [i for i in model.graph.input if i.name == name]
+    elem_type = value.type.tensor_type.elem_type
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise UnsupportedModelError(f"input '{name}' is {onnx.TensorProto.DataType.Name(elem_type).lower()}: rrcompile "
+                                    f"feeds float32 data (export the model with a float input)")
+
+
+def check_labels(data: Dataset, model: onnx.ModelProto) -> None:
+    """Labels must be classes of the model, or every accuracy silently counts them as misses."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim[1:]
+    classes = math.prod(d.dim_value for d in dims) if dims and all(d.HasField("dim_value") for d in dims) else None
+    data.check_labels(classes)
+
+
+def input_files(args: argparse.Namespace, *device_specs: str | None) -> list[str]:
+    """Every file a command reads, none of which an output may replace."""
+    files = [args.model, *(device_file(spec) for spec in device_specs if spec)]
+    if getattr(args, "data", None):
+        files += data_files(args.data)
+    return files
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else None
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
-    if args.samples < 1:
-        raise OptionError(f"--samples {args.samples}: must be >= 1")
     if args.device is not None:
         parse_device(args.device)  # a bad spec is reported before the model is read
-    with about(args.model):
-        model, device = load_for_evaluation(args.model, args.device)
-        evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
-    data = load_data(args.data, args.split).subset(args.limit)
-    x = evaluator.prepare(preprocess.apply(data.x), data.name)
-    progress = not args.quiet
+    plot_path = (args.plot or f"{Path(args.model).stem}.sigma.png") if sweep else None
+    with outputs(input_files(args, args.device), {"--json": args.json, "--plot": plot_path}) as out:
+        with about(args.model):
+            model, device = load_for_evaluation(args.model, args.device)
+            evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
+        data = load_data(args.data, args.split).subset(args.limit)
+        check_labels(data, model)
+        x = evaluator.prepare(preprocess.apply(data.x), data.name)
 
-    started = time.perf_counter()
-    stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=progress)
-    elapsed = time.perf_counter() - started
-    print(f"{args.model} on {data.name} ({len(data.y)} {args.split} images), device {device.describe()}, "
-          f"{args.samples} chips, seed {args.seed}")
-    print(format_table(["metric", "accuracy"], [
-        ["clean", percent(stats.clean_accuracy)],
-        ["chips: mean", percent(stats.mean)],
-        ["chips: std", percent(stats.std)],
-        ["chips: 5th percentile", percent(stats.p5)],
-        ["chips: worst", percent(stats.worst)],
-        ["yield (>= 95% of clean)", percent(stats.yield_)],
-    ]))
-    print(f"{args.samples * len(data.y) / elapsed:,.0f} images x chips per second")
-    report = {
-        "model": str(args.model), "data": data.name, "split": args.split, "images": len(data.y),
-        "preprocess": {"scale": preprocess.scale, "mean": list(preprocess.mean), "std": list(preprocess.std)},
-        "device": device.describe(), "samples": args.samples, "seed": args.seed, "batch_size": args.batch_size,
-        **stats.summary(), "chip_accuracies": stats.chip_accuracies,
-    }
-
-    if sweep:
-        results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
-                              batch_size=args.batch_size, progress=progress)
-        print("\naccuracy vs log-normal sigma")
-        print(format_table(["sigma", "mean", "std", "5th pct", "worst", "yield"], [
-            [f"{s:g}", percent(r.mean), percent(r.std), percent(r.p5), percent(r.worst), percent(r.yield_)]
-            for s, r in results.items()
+        started = time.perf_counter()
+        stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=args.progress)
+        elapsed = time.perf_counter() - started
+        print(f"{args.model} on {data.name} ({len(data.y)} {args.split} images), device {device.describe()}, "
+              f"{args.samples} chips, seed {args.seed}")
+        print(format_table(["metric", "accuracy"], [
+            ["clean", percent(stats.clean_accuracy)],
+            ["chips: mean", percent(stats.mean)],
+            ["chips: std", percent(stats.std)],
+            ["chips: 5th percentile", percent(stats.p5)],
+            ["chips: worst", percent(stats.worst)],
+            ["yield (>= 95% of clean)", percent(stats.yield_)],
         ]))
-        report["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in results.items()]
-        plot_path = args.plot or f"{Path(args.model).stem}.sigma.png"
-        plot_sigma_sweep({Path(args.model).stem: results}, plot_path, f"{Path(args.model).name} on {data.name}")
-        print(f"plot: {plot_path}")
-    if args.json:
-        write_json(report, args.json)
-        print(f"report: {args.json}")
+        print(f"{args.samples * len(data.y) / elapsed:,.0f} images x chips per second")
+        report = {
+            "model": str(args.model), "data": data.name, "split": args.split, "images": len(data.y),
+            "preprocess": {"scale": preprocess.scale, "mean": list(preprocess.mean), "std": list(preprocess.std)},
+            "device": device.describe(), "samples": args.samples, "seed": args.seed, "batch_size": args.batch_size,
+            **stats.summary(), "chip_accuracies": stats.chip_accuracies,
+        }
+
+        if sweep:
+            results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
+                                  batch_size=args.batch_size, progress=args.progress)
+            print("\naccuracy vs log-normal sigma")
+            print(format_table(["sigma", "mean", "std", "5th pct", "worst", "yield"], [
+                [f"{s:g}", percent(r.mean), percent(r.std), percent(r.p5), percent(r.worst), percent(r.yield_)]
+                for s, r in results.items()
+            ]))
+            report["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in results.items()]
+            plot_sigma_sweep({Path(args.model).stem: results}, out["--plot"], f"{Path(args.model).name} on {data.name}")
+            print(f"plot: {plot_path}")
+        if args.json:
+            write_json(report, out["--json"])
+            print(f"report: {args.json}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    check_tile(args.tile)
-    with about(args.model):
-        original = load_model(args.model)
-        model = pipeline.canonicalize(original)
-    shapes = tensor_shapes(model)
-    try:
-        name, shape = model_io(model)
-    except UnsupportedModelError:  # several data inputs: inspect still lists them below
-        name, shape = "", []
-    layers = analog_layers(model)
-    rows, report_layers = [], []
-    for layer in layers:
-        macs = macs_per_sample(model, layer, shapes)
-        tiles = layer.tiles(args.tile)
-        rows.append([layer.node, layer.op, layer.weight, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
-                     f"{macs:,}" if macs is not None else "?", f"{layer.rows}x{layer.cols}", tiles])
-        report_layers.append({"node": layer.node, "op": layer.op, "weight": layer.weight, "weight_shape": list(layer.weight_shape),
-                              "params": layer.params, "macs": macs, "crossbar": [layer.rows, layer.cols], "tiles": tiles})
+    with outputs(input_files(args), {"--json": args.json}) as out:
+        with about(args.model):
+            original = load_model(args.model)
+            model = pipeline.canonicalize(original)
+        shapes = tensor_shapes(model)
+        try:
+            name, shape = model_io(model)
+        except UnsupportedModelError:  # several data inputs: inspect still lists them below
+            name, shape = "", []
+        layers = analog_layers(model)
+        rows, report_layers = [], []
+        for layer in layers:
+            macs = macs_per_sample(model, layer, shapes)
+            tiles = layer.tiles(args.tile)
+            rows.append([layer.node, layer.op, layer.weight, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
+                         f"{macs:,}" if macs is not None else "?", f"{layer.rows}x{layer.cols}", tiles])
+            report_layers.append({"node": layer.node, "op": layer.op, "weight": layer.weight, "weight_shape": list(layer.weight_shape),
+                                  "params": layer.params, "macs": macs, "crossbar": [layer.rows, layer.cols], "tiles": tiles})
 
-    def signature(values) -> list[str]:
-        return [f"{v.name} [{', '.join(str(d.dim_param or d.dim_value) for d in v.type.tensor_type.shape.dim)}]" for v in values]
+        def signature(values) -> list[str]:
+            return [f"{v.name} [{', '.join(str(d.dim_param or d.dim_value) for d in v.type.tensor_type.shape.dim)}]" for v in values]
 
-    print(f"{args.model}: opset {default_opset(original)} (canonical {default_opset(model)}), "
-          f"{len(original.graph.node)} nodes ({len(model.graph.node)} canonical), producer {original.producer_name or '?'}")
-    print(f"inputs:  {', '.join(signature(model.graph.input))}")
-    print(f"outputs: {', '.join(signature(model.graph.output))}")
-    if not rows:
-        print("analog layers: none (no Conv, Gemm or MatMul with a constant weight)")
-    else:
-        total_params = sum(layer.params for layer in layers)
-        total_macs = sum(r["macs"] or 0 for r in report_layers)
-        rows.append(["total", "", "", "", f"{total_params:,}", f"{total_macs:,}", "", sum(r["tiles"] for r in report_layers)])
-        print(f"analog layers ({len(layers)}, crossbar tiles of {args.tile}x{args.tile}):")
-        print(format_table(["layer", "op", "weight", "shape", "params", "MACs/sample", "rows x cols", "tiles"], rows, "llllrrrr"))
-    if args.json:
-        write_json({"model": str(args.model), "opset": default_opset(original), "input": {"name": name, "shape": shape},
-                    "tile": args.tile, "layers": report_layers}, args.json)
+        print(f"{args.model}: opset {default_opset(original)} (canonical {default_opset(model)}), "
+              f"{len(original.graph.node)} nodes ({len(model.graph.node)} canonical), producer {original.producer_name or '?'}")
+        print(f"inputs:  {', '.join(signature(model.graph.input))}")
+        print(f"outputs: {', '.join(signature(model.graph.output))}")
+        if not rows:
+            print("analog layers: none (no Conv, Gemm or MatMul with a constant weight)")
+        else:
+            total_params = sum(layer.params for layer in layers)
+            total_macs = sum(r["macs"] or 0 for r in report_layers)
+            rows.append(["total", "", "", "", f"{total_params:,}", f"{total_macs:,}", "", sum(r["tiles"] for r in report_layers)])
+            print(f"analog layers ({len(layers)}, crossbar tiles of {args.tile}x{args.tile}):")
+            print(format_table(["layer", "op", "weight", "shape", "params", "MACs/sample", "rows x cols", "tiles"], rows, "llllrrrr"))
+        if args.json:
+            write_json({"model": str(args.model), "opset": default_opset(original), "input": {"name": name, "shape": shape},
+                        "tile": args.tile, "layers": report_layers}, out["--json"])
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    if args.lipschitz < 0:
-        raise OptionError(f"--lipschitz {args.lipschitz:g}: beta must be >= 0")
     if args.lipschitz_form not in FORMS:
         raise OptionError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
-    if args.epochs < 1 or not 0 < args.val_fraction < 1:
-        raise OptionError("--epochs must be >= 1 and --val-fraction in (0, 1)")
     config = FinetuneConfig(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction,
         patience=args.patience, seed=args.seed,
@@ -191,48 +233,59 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         validation_chips=args.validation_chips,
     )
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
-    with about(args.model):
-        model = pipeline.canonicalize(load_model(args.model))
-        input_name, input_shape = model_io(model)
-    data = load_data(args.data, "train").subset(args.limit)
-    x = fit_to_input(preprocess.apply(data.x), input_name, input_shape, data_name=data.name)
+    device_specs = (args.noise_injection, None if args.device == "none" else args.device)
+    with outputs(input_files(args, *device_specs), {"-o": args.output, "--json": args.json}) as out:
+        with about(args.model):
+            model = pipeline.canonicalize(load_model(args.model))
+            check_model_for_data(model)
+            for device in (config.noise_injection, config.validation_device):
+                if device is not None:
+                    device.check_patterns(analog_layers(model))
+            input_name, input_shape = model_io(model)
+        data = load_data(args.data, "train").subset(args.limit)
+        check_labels(data, model)
+        x = fit_to_input(preprocess.apply(data.x), input_name, input_shape, data_name=data.name)
 
-    started = time.perf_counter()
-    result = finetune(model, x, data.y, config, progress=not args.quiet)
-    elapsed = time.perf_counter() - started
-    save_model(result.model, args.output)
+        started = time.perf_counter()
+        result = finetune(model, x, data.y, config, progress=args.progress)
+        elapsed = time.perf_counter() - started
+        save_model(result.model, out["-o"])
 
-    method = " + ".join(filter(None, [
-        f"Lipschitz {args.lipschitz_form} beta={args.lipschitz:g}" if config.lipschitz else "",
-        f"noise injection {config.noise_injection.describe()}" if config.noise_injection else "",
-    ])) or "plain"
-    print(f"{args.model}: fine-tuned on {data.name} ({len(data.y)} train images, {args.val_fraction:g} held out), "
-          f"{method}, seed {args.seed}, {elapsed:.1f} s")
-    varied_label = f"val acc ({config.validation_chips} chips)" if config.validation_device else "val acc (varied)"
-    print(format_table(["epoch", "loss", "penalty", "val acc (clean)", varied_label], [
-        [f"{log.epoch}{' *' if log.epoch == result.best_epoch else ''}",
-         "-" if log.loss is None else f"{log.loss:.4f}", "-" if log.penalty is None else f"{log.penalty:.4f}",
-         percent(log.clean_val), "-" if log.varied_val is None else percent(log.varied_val)]
-        for log in result.history
-    ]))
-    before, after = result.spectral_before, result.spectral_after
-    print("\nspectral norm per analog layer (power iteration)")
-    print(format_table(["layer", "before", "after"], [
-        *([name, f"{before.norms[name]:.3f}", f"{after.norms[name]:.3f}"] for name in before.norms),
-        ["product", f"{before.product:.3f}", f"{after.product:.3f}"],
-    ], "lrr"))
-    print(f"model: {args.output} (epoch {result.best_epoch} kept)")
-    if args.json:
-        write_json({
-            "model": str(args.model), "output": str(args.output), "data": data.name, "train_images": len(data.y),
-            "method": method, "config": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
-            "best_epoch": result.best_epoch, "seconds": elapsed,
-            "history": [dataclasses.asdict(log) for log in result.history],
-            "spectral_norms": {"before": before.norms, "after": after.norms,
-                               "product_before": before.product, "product_after": after.product},
-        }, args.json)
-        print(f"report: {args.json}")
+        method = " + ".join(filter(None, [
+            f"Lipschitz {args.lipschitz_form} beta={args.lipschitz:g}" if config.lipschitz else "",
+            f"noise injection {config.noise_injection.describe()}" if config.noise_injection else "",
+        ])) or "plain"
+        print(f"{args.model}: fine-tuned on {data.name} ({len(data.y)} train images, {args.val_fraction:g} held out), "
+              f"{method}, seed {args.seed}, {elapsed:.1f} s")
+        varied_label = f"val acc ({config.validation_chips} chips)" if config.validation_device else "val acc (varied)"
+        print(format_table(["epoch", "loss", "penalty", "val acc (clean)", varied_label], [
+            [f"{log.epoch}{' *' if log.epoch == result.best_epoch else ''}",
+             "-" if log.loss is None else f"{log.loss:.4f}", "-" if log.penalty is None else f"{log.penalty:.4f}",
+             percent(log.clean_val), "-" if log.varied_val is None else percent(log.varied_val)]
+            for log in result.history
+        ]))
+        before, after = result.spectral_before, result.spectral_after
+        print("\nspectral norm per analog layer (power iteration)")
+        print(format_table(["layer", "before", "after"], [
+            *([name, f"{before.norms[name]:.3f}", f"{after.norms[name]:.3f}"] for name in before.norms),
+            ["product", f"{before.product:.3f}", f"{after.product:.3f}"],
+        ], "lrr"))
+        print(f"model: {args.output} (epoch {result.best_epoch} kept)")
+        if args.json:
+            write_json({
+                "model": str(args.model), "output": str(args.output), "data": data.name, "train_images": len(data.y),
+                "method": method, "config": _options(args),
+                "best_epoch": result.best_epoch, "seconds": elapsed,
+                "history": [dataclasses.asdict(log) for log in result.history],
+                "spectral_norms": {"before": before.norms, "after": after.norms,
+                                   "product_before": before.product, "product_after": after.product},
+            }, out["--json"])
+            print(f"report: {args.json}")
     return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("run", "command", "progress")}
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -240,9 +293,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
     if args.lipschitz_form not in FORMS:
         raise OptionError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
-    check_tile(args.tile)
-    if not 0 < args.budget <= 1 or args.samples < 1 or args.epochs < 1:
-        raise OptionError("--budget must be in (0, 1], --samples and --epochs >= 1")
     options = pipeline.CompileOptions(
         device, lipschitz=not args.no_lipschitz, noise_injection=not args.no_noise_injection,
         compensation=not args.no_compensation, rl=not args.no_rl,
@@ -252,135 +302,175 @@ def cmd_compile(args: argparse.Namespace) -> int:
         final_epochs=args.final_epochs, episodes=args.episodes, overhead_weight=args.overhead_weight,
         rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed)
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
-    with about(args.model):
-        original = pipeline.canonicalize(load_model(args.model))
-        input_name, input_shape = model_io(original)
-        MonteCarloEvaluator(original, device)  # rejects a model without analog layers before any training
-    train, test = load_data(args.data, "train").subset(args.limit), load_data(args.data, "test").subset(args.test_limit)
-    x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
-    x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
-    out = Path(args.output)
-    report_path, plot_path = out.with_suffix(".report.json"), out.with_suffix(".sigma.png")
-    log = (lambda _: None) if args.quiet else print
+    out_path = Path(args.output)
+    report_path, plot_path = out_path.with_suffix(".report.json"), out_path.with_suffix(".sigma.png")
+    planned = {"-o": out_path, "--simulate-output": args.simulate_output, "report": report_path,
+               "plot": plot_path if sweep else None}
+    with outputs(input_files(args, args.device), planned) as out:
+        with about(args.model):
+            original = pipeline.canonicalize(load_model(args.model))
+            check_model_for_data(original)
+            device.check_patterns(analog_layers(original))
+            input_name, input_shape = model_io(original)
+        train, test = load_data(args.data, "train").subset(args.limit), load_data(args.data, "test").subset(args.test_limit)
+        check_labels(train, original)
+        check_labels(test, original)
+        x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
+        x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
+        log = (lambda _: None) if args.quiet else print
 
-    started = time.perf_counter()
-    with about(args.model):
-        result = pipeline.compile(original, x_train, train.y, options, progress=not args.quiet, log=log)
-    log("[*] Monte Carlo evaluation on the test set ...")
-    evaluated = time.perf_counter()
-    before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=not args.quiet)
-    after = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples, args.seed, progress=not args.quiet)
-    curves = {}
-    if sweep:
-        curves = {label: sigma_sweep(m, device, sweep, x_test, test.y, args.sweep_samples, args.seed, progress=not args.quiet)
-                  for label, m in (("original", original), ("compiled", result.model))}
-    result.seconds["evaluate"] = time.perf_counter() - evaluated
-    total = time.perf_counter() - started
+        started = time.perf_counter()
+        with about(args.model):
+            result = pipeline.compile(original, x_train, train.y, options, progress=args.progress, log=log)
+        log("[*] Monte Carlo evaluation on the test set ...")
+        evaluated = time.perf_counter()
+        before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=args.progress)
+        after = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples, args.seed, progress=args.progress)
+        curves = {}
+        if sweep:
+            curves = {label: sigma_sweep(m, device, sweep, x_test, test.y, args.sweep_samples, args.seed, progress=args.progress)
+                      for label, m in (("original", original), ("compiled", result.model))}
+        result.seconds["evaluate"] = time.perf_counter() - evaluated
+        total = time.perf_counter() - started
 
-    hardware = result.hardware
-    print(f"\n{args.model} compiled for {device.describe()} on {train.name} ({len(train.y)} train, {len(test.y)} test images), "
-          f"seed {args.seed}, {total:.0f} s")
-    print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
-        [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
-        for label, s in (("original", before), ("compiled", after))
-    ]))
-    print(f"compensation: {', '.join(result.kept) or 'none'} kept; {hardware.digital_weights:,} digital weights over "
-          f"{hardware.analog_weights:,} analog ({hardware.overhead_percent:.2f}%), "
-          f"{sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
-    if result.selection:
-        print("\nselection on the validation chips (reward = accuracy - overhead_weight x overhead)")
-        print(format_table(["strategy", "kept", "val accuracy", "overhead", "reward"], [
-            [name, ", ".join(r.kept_layers) or "-", percent(r.accuracy), percent(r.overhead),
-             f"{r.reward:.4f}" if r.overhead <= args.budget else "over budget"]
-            for name, r in result.selection.items()
-        ], "llrrr"))
-    print("\ntime per stage")
-    print(format_table(["stage", "seconds"], [[name, f"{sec:.1f}"] for name, sec in result.seconds.items()]))
+        hardware = result.hardware
+        print(f"\n{args.model} compiled for {device.describe()} on {train.name} ({len(train.y)} train, {len(test.y)} test images), "
+              f"seed {args.seed}, {total:.0f} s")
+        print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
+            [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
+            for label, s in (("original", before), ("compiled", after))
+        ]))
+        print(f"compensation: {', '.join(result.kept) or 'none'} kept; {hardware.digital_weights:,} digital weights over "
+              f"{hardware.analog_weights:,} analog ({hardware.overhead_percent:.2f}%), "
+              f"{sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
+        if result.selection:
+            print("\nselection on the validation chips (reward = accuracy - overhead_weight x overhead)")
+            print(format_table(["strategy", "kept", "val accuracy", "overhead", "reward"], [
+                [name, ", ".join(r.kept_layers) or "-", percent(r.accuracy), percent(r.overhead),
+                 f"{r.reward:.4f}" if r.overhead <= args.budget else "over budget"]
+                for name, r in result.selection.items()
+            ], "llrrr"))
+        print("\ntime per stage")
+        print(format_table(["stage", "seconds"], [[name, f"{sec:.1f}"] for name, sec in result.seconds.items()]))
 
-    save_model(result.deployed, out)
-    if args.simulate_output:
-        save_model(InsertVariationPass(device)(result.model).model, args.simulate_output)
-    if curves:
-        plot_sigma_sweep(curves, plot_path, f"{Path(args.model).name}: original vs compiled")
-    write_json({
-        "model": str(args.model), "output": str(out), "data": train.name, "device": device.describe(), "seed": args.seed,
-        "options": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
-        "before": before.summary(), "after": after.summary(), "kept": result.kept,
-        "hardware": hardware.to_dict(), "seconds": result.seconds, "total_seconds": total,
-        "selection": {name: {"kept": r.kept_layers, "accuracy": r.accuracy, "overhead": r.overhead, "reward": r.reward,
-                             "rewards_per_episode": r.rewards} for name, r in result.selection.items()},
-        "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in curves.items()},
-    }, report_path)
-    print(f"\nmodel: {out}\nreport: {report_path}" + (f"\nplot: {plot_path}" if curves else "")
-          + (f"\nsimulation graph: {args.simulate_output}" if args.simulate_output else ""))
+        save_model(result.deployed, out["-o"])
+        if args.simulate_output:
+            save_model(InsertVariationPass(device)(result.model).model, out["--simulate-output"])
+        if curves:
+            plot_sigma_sweep(curves, out["plot"], f"{Path(args.model).name}: original vs compiled")
+        write_json({
+            "model": str(args.model), "output": str(out_path), "data": train.name, "device": device.describe(), "seed": args.seed,
+            "options": _options(args),
+            "before": before.summary(), "after": after.summary(), "kept": result.kept,
+            "hardware": hardware.to_dict(), "seconds": result.seconds, "total_seconds": total,
+            "selection": {name: {"kept": r.kept_layers, "accuracy": r.accuracy, "overhead": r.overhead, "reward": r.reward,
+                                 "rewards_per_episode": r.rewards} for name, r in result.selection.items()},
+            "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in curves.items()},
+        }, out["report"])
+        print(f"\nmodel: {out_path}\nreport: {report_path}" + (f"\nplot: {plot_path}" if curves else "")
+              + (f"\nsimulation graph: {args.simulate_output}" if args.simulate_output else ""))
     return 0
 
 
-def check_tile(tile: int) -> None:
-    if tile < 1:
-        raise OptionError(f"--tile {tile}: a crossbar tile has at least one row and column")
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
-    check_tile(args.tile)
-    with about(args.model):
-        model = load_model(args.model)
-        if not any(o.domain == RRCOMPILE_DOMAIN for o in model.opset_import):
-            model = pipeline.canonicalize(model)
-        deployed, hardware = deploy(model, args.tile)
-    print(f"{args.model}: {len(hardware.layers)} analog layers on {hardware.total_tiles} crossbar tiles of "
-          f"{args.tile}x{args.tile}; {hardware.digital_weights:,} digital weights ({hardware.overhead_percent:.2f}% overhead)")
-    print(format_table(list(HardwareReport.HEADERS), hardware.rows(), "llrrrr"))
-    save_model(deployed, args.output)
-    if args.json:
-        write_json(hardware.to_dict(), args.json)
+    with outputs(input_files(args), {"-o": args.output, "--json": args.json}) as out:
+        with about(args.model):
+            model = load_model(args.model)
+            if not any(o.domain == RRCOMPILE_DOMAIN for o in model.opset_import):
+                model = pipeline.canonicalize(model)
+            if not analog_layers(model):
+                raise UnsupportedModelError(NO_ANALOG_LAYER)
+            deployed, hardware = deploy(model, args.tile)
+        print(f"{args.model}: {len(hardware.layers)} analog layers on {hardware.total_tiles} crossbar tiles of "
+              f"{args.tile}x{args.tile}; {hardware.digital_weights:,} digital weights ({hardware.overhead_percent:.2f}% overhead)")
+        print(format_table(list(HardwareReport.HEADERS), hardware.rows(), "llrrrr"))
+        save_model(deployed, out["-o"])
+        if args.json:
+            write_json(hardware.to_dict(), out["--json"])
     print(f"deployed: {args.output}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2, like every other rrcompile error."""
+
+    def error(self, message: str):
+        raise OptionError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind: type, low: float, *, low_open: bool = False, high: float = math.inf, high_open: bool = False):
+    """An argparse ``type`` accepting a finite ``kind`` in the given range; argparse names the option."""
+    bounds = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf
+              else f"{'>' if low_open else '>='} {low:g}")
+    expected = f"{'an integer' if kind is int else 'a finite number'} {'in ' if high < math.inf else ''}{bounds}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's fallback message names the type
+    return parse
+
+
+positive_int = _number(int, 1)
+nonnegative_int = _number(int, 0)
+positive_float = _number(float, 0, low_open=True)
+nonnegative_float = _number(float, 0)
+open_fraction = _number(float, 0, low_open=True, high=1, high_open=True)
+budget_fraction = _number(float, 0, low_open=True, high=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rrcompile", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="rrcompile", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="Monte Carlo accuracy of a model over simulated RRAM chips")
     ev.add_argument("model", help="ONNX classifier")
     ev.add_argument("--data", default="digits", help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | npz:FILE (default: digits)")
     ev.add_argument("--split", default="test", choices=["test", "train"])
-    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ev.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     ev.add_argument("--device", default=None,
                     help=f"device models, e.g. lognormal:sigma=0.5+read:eta=0.01, or a .json/.yaml device file "
                          f"(default: {DEFAULT_DEVICE}; a simulation graph brings its own)")
-    ev.add_argument("--samples", type=int, default=100, help="simulated chips (Monte Carlo samples)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--samples", type=positive_int, default=100, help="simulated chips (Monte Carlo samples)")
+    ev.add_argument("--seed", type=nonnegative_int, default=0)
+    ev.add_argument("--batch-size", type=positive_int, default=500)
     _add_preprocess(ev)
-    ev.add_argument("--sigma-sweep", help="also sweep log-normal sigma, e.g. 0,0.1,...,0.8, and plot it")
+    ev.add_argument("--sigma-sweep", help=f"also sweep log-normal sigma, e.g. 0,0.1,...,0.8 (at most {MAX_SWEEP_POINTS} "
+                                          f"points), and plot it")
     ev.add_argument("--plot", help="PNG path for --sigma-sweep (default: MODEL.sigma.png)")
     ev.add_argument("--json", help="write the report as JSON")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_verbosity(ev)
     ev.set_defaults(run=cmd_evaluate)
 
     ft = sub.add_parser("finetune", help="fine-tune with Lipschitz regularization and/or noise injection")
     ft.add_argument("model", help="ONNX classifier")
     ft.add_argument("--data", default="digits", help="data spec; its train split is used (default: digits)")
-    ft.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    ft.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
     ft.add_argument("-o", "--output", required=True, help="fine-tuned ONNX model to write")
-    ft.add_argument("--lipschitz", type=float, default=0.0, metavar="BETA", help="penalty weight (0: off)")
+    ft.add_argument("--lipschitz", type=nonnegative_float, default=0.0, metavar="BETA", help="penalty weight (0: off)")
     ft.add_argument("--lipschitz-form", default="spectral", help="spectral (hinge on ||W||_2) or orthogonal (||W W^T - I||_F^2)")
-    ft.add_argument("--lipschitz-target", type=float, default=1.0, help="spectral form: norm left unpenalized")
+    ft.add_argument("--lipschitz-target", type=positive_float, default=1.0, help="spectral form: norm left unpenalized")
     ft.add_argument("--noise-injection", metavar="SPEC", help="train on a fresh chip of this device per mini-batch")
     ft.add_argument("--device", default="lognormal:sigma=0.5",
                     help="device the validation chips simulate to pick the epoch to keep ('none': clean accuracy)")
-    ft.add_argument("--validation-chips", type=int, default=4)
-    ft.add_argument("--epochs", type=int, default=5)
-    ft.add_argument("--lr", type=float, default=1e-3)
-    ft.add_argument("--batch-size", type=int, default=128)
-    ft.add_argument("--val-fraction", type=float, default=0.1)
-    ft.add_argument("--patience", type=int, default=3, help="epochs without a better one before stopping")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--validation-chips", type=positive_int, default=4)
+    ft.add_argument("--epochs", type=positive_int, default=5)
+    ft.add_argument("--lr", type=positive_float, default=1e-3)
+    ft.add_argument("--batch-size", type=positive_int, default=128)
+    ft.add_argument("--val-fraction", type=open_fraction, default=0.1)
+    ft.add_argument("--patience", type=positive_int, default=3, help="epochs without a better one before stopping")
+    ft.add_argument("--seed", type=nonnegative_int, default=0)
     _add_preprocess(ft)
     ft.add_argument("--json", help="write the training report as JSON")
-    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_verbosity(ft)
     ft.set_defaults(run=cmd_finetune)
 
     co = sub.add_parser("compile", help="make a model robust to a device: Lipschitz fine-tune, RL-chosen compensation, deploy")
@@ -394,40 +484,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fine-tune on exact weights, not on sampled chips (with --no-lipschitz: no fine-tuning)")
     co.add_argument("--no-compensation", action="store_true", help="skip compensation (and RL)")
     co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
-    co.add_argument("--lipschitz", type=float, default=0.01, metavar="BETA")
+    co.add_argument("--lipschitz", type=nonnegative_float, default=0.01, metavar="BETA")
     co.add_argument("--lipschitz-form", default="spectral", help="spectral or orthogonal")
-    co.add_argument("--epochs", type=int, default=5, help="Lipschitz fine-tuning epochs")
-    co.add_argument("--budget", type=float, default=0.03,
+    co.add_argument("--epochs", type=positive_int, default=5, help="Lipschitz fine-tuning epochs")
+    co.add_argument("--budget", type=budget_fraction, default=0.03,
                     help="compensation weights as a fraction of analog weights: per candidate (its rank) and in total")
-    co.add_argument("--compensation-epochs", type=int, default=2)
-    co.add_argument("--final-epochs", type=int, default=1, help="training of the kept compensation")
-    co.add_argument("--episodes", type=int, default=60, help="RL episodes")
-    co.add_argument("--overhead-weight", type=float, default=0.5, help="lambda: reward = accuracy - lambda x overhead")
-    co.add_argument("--rl-chips", type=int, default=8)
-    co.add_argument("--rl-images", type=int, default=2000)
-    co.add_argument("--samples", type=int, default=100, help="chips for the before/after evaluation")
+    co.add_argument("--compensation-epochs", type=positive_int, default=2)
+    co.add_argument("--final-epochs", type=nonnegative_int, default=1, help="training of the kept compensation")
+    co.add_argument("--episodes", type=positive_int, default=60, help="RL episodes")
+    co.add_argument("--overhead-weight", type=nonnegative_float, default=0.5, help="lambda: reward = accuracy - lambda x overhead")
+    co.add_argument("--rl-chips", type=positive_int, default=8)
+    co.add_argument("--rl-images", type=positive_int, default=2000)
+    co.add_argument("--samples", type=positive_int, default=100, help="chips for the before/after evaluation")
     co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
-    co.add_argument("--sweep-samples", type=int, default=20, help="chips per sigma in the sweep")
-    co.add_argument("--tile", type=int, default=128)
-    co.add_argument("--batch-size", type=int, default=128)
-    co.add_argument("--limit", type=int, default=None, help="train on the first N images only")
-    co.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
-    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--sweep-samples", type=positive_int, default=20, help="chips per sigma in the sweep")
+    co.add_argument("--tile", type=positive_int, default=128)
+    co.add_argument("--batch-size", type=positive_int, default=128)
+    co.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
+    co.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
+    co.add_argument("--seed", type=nonnegative_int, default=0)
     _add_preprocess(co)
-    co.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_verbosity(co)
     co.set_defaults(run=cmd_compile)
 
     de = sub.add_parser("deploy", help="strip simulation ops, tag analog/digital nodes, report crossbar tiles")
     de.add_argument("model")
     de.add_argument("-o", "--output", required=True)
-    de.add_argument("--tile", type=int, default=128)
+    de.add_argument("--tile", type=positive_int, default=128)
     de.add_argument("--json", help="write the hardware report as JSON")
+    _add_verbosity(de)
     de.set_defaults(run=cmd_deploy)
 
     ins = sub.add_parser("inspect", help="list a model's analog layers, opset, inputs and outputs")
     ins.add_argument("model")
-    ins.add_argument("--tile", type=int, default=128, help="crossbar tile size (rows = columns)")
+    ins.add_argument("--tile", type=positive_int, default=128, help="crossbar tile size (rows = columns)")
     ins.add_argument("--json", help="write the layer table as JSON")
+    _add_verbosity(ins)
     ins.set_defaults(run=cmd_inspect)
     return parser
 
@@ -439,9 +531,19 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--std", default="1", help="one value or a comma list per channel")
 
 
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quiet", action="store_true", help="no progress output, only results and errors")
+    group.add_argument("--verbose", action="store_true",
+                       help="progress bars even when stderr is not a terminal, and the libraries' warnings")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        # progress bars redraw a line with carriage returns: only a terminal shows them as intended
+        args.progress = args.verbose or (not args.quiet and sys.stderr.isatty())
+        set_library_logging(verbose=args.verbose)
         return args.run(args)
     except RRCompileError as exc:
         print(f"rrcompile: error: {exc}", file=sys.stderr)

@@ -34,6 +34,20 @@ class Dataset:
     def __post_init__(self) -> None:
         if self.y.ndim != 1 or len(self.x) != len(self.y):
             raise DataError(f"data {self.name!r}: {len(self.x)} samples but labels of shape {list(self.y.shape)}")
+        if not len(self.y):
+            raise DataError(f"data {self.name!r}: no samples")
+        finite = np.isfinite(self.x)
+        if not finite.all():
+            raise DataError(f"data {self.name!r}: {finite.size - np.count_nonzero(finite)} NaN or Inf pixel value(s)")
+
+    def check_labels(self, classes: int | None) -> None:
+        """Refuse labels outside ``[0, classes)`` (the model's outputs; None: unknown, only the sign is
+        checked): no prediction can match them, so every accuracy would be silently too low."""
+        bad = (self.y < 0) | (self.y >= classes) if classes is not None else self.y < 0
+        if bad.any():
+            first = int(self.y[np.argmax(bad)])
+            within = f"the model's {classes} classes [0, {classes})" if classes is not None else "classes >= 0"
+            raise DataError(f"data {self.name!r}: {np.count_nonzero(bad)} label(s) outside {within}, e.g. {first}")
 
     def subset(self, n: int | None) -> Dataset:
         """The first ``n`` samples (all of them for None, or when ``n`` exceeds the set)."""
@@ -79,6 +93,17 @@ def load_data(spec: str, split: str = "test") -> Dataset:
         raise DataError(f"data spec {spec!r}: directory not found")
     loader = _load_cifar10 if scheme == "cifar10" else _load_idx_set
     return Dataset(spec, *loader(spec, path, split))
+
+
+def data_files(spec: str) -> list[Path]:
+    """The files a data spec may read (an npz file, or the files of a data directory)."""
+    scheme, _, where = spec.partition(":")
+    if scheme == "digits" or not where:
+        return []
+    path = Path(where).expanduser()
+    if not path.is_dir():
+        return [path]
+    return [f for folder in (path, path / "cifar-10-batches-py") if folder.is_dir() for f in folder.iterdir() if f.is_file()]
 
 
 def _load_idx_set(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +153,10 @@ def _load_cifar10(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.nda
             raise DataError(f"data spec {spec!r}: no CIFAR-10 batch {name} in {root}")
         try:
             with path.open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # the official format is a pickle; only load trusted dirs
+                batch = _CifarUnpickler(f, path).load()
             data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"], np.int64)
+        except DataError:
+            raise
         except Exception as exc:  # unpickling can fail in many ways (EOF, bad opcode, missing key); all mean "corrupt"
             raise DataError(f"{path}: not a readable CIFAR-10 batch ({_first_line(exc)})") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
@@ -138,6 +165,40 @@ def _load_cifar10(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.nda
         xs.append(data.reshape(-1, 3, 32, 32))  # rows are stored channel-major (all R, then G, then B)
         ys.append(labels)
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def _plain_dtype(*args) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("an array of Python objects")
+    return dtype
+
+
+# What CIFAR-10 python batches need (dicts, lists, bytes, ints are plain opcodes): numpy arrays as
+# pickled by Python 2 (``numpy.core``), numpy 2 (``numpy._core``) and protocol 5 (``_frombuffer``)
+_RECONSTRUCT, _FROMBUFFER = np.zeros(0).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0]
+_CIFAR_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _RECONSTRUCT for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _FROMBUFFER for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds. A pickle can call any importable function while
+    it loads, and every such call goes through :meth:`find_class`: refusing there runs nothing."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # the official batches are Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise DataError(f"{self.path}: refused to unpickle '{module}.{name}' (a CIFAR-10 batch holds only "
+                            f"numpy arrays, lists, strings and numbers)")
+        return found
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +212,9 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             x, y = arrays["x"], arrays["y"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    for label, array in (("x", x), ("y", y)):
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise DataError(f"{path}: array '{label}' must be numeric (dtype {array.dtype})")
     if x.ndim not in (2, 3, 4) or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{path}: expected x [N, H, W], [N, C, H, W] or [N, F] and y [N], "
                         f"got x {list(x.shape)} and y {list(y.shape)}")
@@ -192,7 +256,11 @@ class Preprocess:
                                 f"has {channels} channel(s); give 1 value or {channels}")
         mean, std = (np.asarray(v, np.float32).reshape([len(v) if axis == 1 else 1 for axis in range(x.ndim)])
                      for v in (self.mean, self.std))
-        return ((x / np.float32(self.scale) - mean) / std).astype(np.float32)
+        result = ((x / np.float32(self.scale) - mean) / std).astype(np.float32)
+        if not np.isfinite(result).all():
+            raise DataError(f"preprocess scale {self.scale:g}, mean {list(self.mean)}, std {list(self.std)}: "
+                            f"the inputs overflow to Inf")
+        return result
 
 
 def _parse_numbers(label: str, text: str, single: bool = False) -> tuple[float, ...]:

@@ -16,6 +16,7 @@ import abc
 import dataclasses
 import fnmatch
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
@@ -25,7 +26,7 @@ import torch
 from onnx import helper
 
 from rrcompile.errors import DeviceSpecError
-from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, TARGET_OPSET
+from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer
 
 FUNCTION_OPSET = 1  # version of the ai.rrcompile domain
 
@@ -114,6 +115,8 @@ class DeviceModel(abc.ABC):
 
     def _check_range(self, name: str, low: float, high: float = float("inf")) -> None:
         value = self.values[name]
+        if not math.isfinite(value):
+            raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be a finite number")
         if not low <= value <= high:
             bound = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
             raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be {bound}")
@@ -207,7 +210,7 @@ class Quantize(DeviceModel):
 
     def validate(self) -> None:
         levels = self.values["levels"]
-        if levels != int(levels) or levels < 2:
+        if not math.isfinite(levels) or levels != int(levels) or levels < 2:
             raise DeviceSpecError(f"device 'quantize': levels={levels:g} must be an integer >= 2")
         self.values["levels"] = int(levels)
 
@@ -361,12 +364,23 @@ class DeviceConfig:
 
     default: list[DeviceModel]
     layers: dict[str, list[DeviceModel]] = dataclasses.field(default_factory=dict)
+    source: str | None = dataclasses.field(default=None, compare=False)  # the device file, for messages
 
     def for_layer(self, node: str, weight: str) -> list[DeviceModel]:
         for pattern, models in self.layers.items():
             if fnmatch.fnmatchcase(node, pattern) or fnmatch.fnmatchcase(weight, pattern):
                 return models
         return self.default
+
+    def check_patterns(self, layers: list[AnalogLayer]) -> None:
+        """Refuse a layer pattern that matches none of ``layers``: its override would silently
+        never apply (a typo, a broken glob, names of another export of the model)."""
+        for pattern in self.layers:
+            if not any(fnmatch.fnmatchcase(name, pattern) for layer in layers for name in (layer.node, layer.weight)):
+                names = ", ".join(layer.node for layer in layers) or "none"
+                where = f"{self.source}: " if self.source else ""
+                raise DeviceSpecError(f"{where}layer pattern '{pattern}' matches no analog layer of the model "
+                                      f"(analog layers: {names})")
 
     def stacks(self) -> list[list[DeviceModel]]:
         return [self.default, *self.layers.values()]
@@ -383,7 +397,7 @@ class DeviceConfig:
         def swap(stack: list[DeviceModel]) -> list[DeviceModel]:
             return [LogNormalVariation(sigma=sigma) if isinstance(m, LogNormalVariation) else m for m in stack]
 
-        return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()})
+        return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()}, self.source)
 
     def describe(self) -> str:
         parts = ["+".join(m.spec() for m in self.default) or "none"] if self.default or not self.layers else []
@@ -391,13 +405,19 @@ class DeviceConfig:
         return "; ".join(parts)
 
 
+def device_file(spec: str) -> Path | None:
+    """The device file a spec names, or None for an inline spec."""
+    path = Path(spec)
+    return path if path.suffix.lower() in (".json", ".yaml", ".yml") else None
+
+
 def parse_device(spec: str) -> DeviceConfig:
     """A device config from a spec string or from a ``.json`` / ``.yaml`` / ``.yml`` device file.
 
     A file holds ``{"default": <entry>, "layers": {<pattern>: <entry>, ...}}``.
     """
-    path = Path(spec)
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+    path = device_file(spec)
+    if path is not None:
         if not path.is_file():
             raise DeviceSpecError(f"{spec}: device file not found")
         try:
@@ -419,6 +439,7 @@ def parse_device(spec: str) -> DeviceConfig:
             return DeviceConfig(
                 _models_from_value(content.get("default"), f"{spec}: default"),
                 {str(k): _models_from_value(v, f"{spec}: layers.{k}") for k, v in layers.items()},
+                source=spec,
             )
         except DeviceSpecError as exc:
             raise DeviceSpecError(f"{spec}: {exc}") from None

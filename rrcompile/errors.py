@@ -27,3 +27,7 @@ class DataError(RRCompileError):
 
 class OptionError(RRCompileError):
     """A command-line option has a value outside its range."""
+
+
+class OutputPathError(RRCompileError):
+    """An output path cannot be written, or would overwrite an input or another output."""

@@ -21,6 +21,16 @@ RRCOMPILE_DOMAIN = "ai.rrcompile"
 ANALOG_OPS = ("Conv", "Gemm", "MatMul")
 
 
+def set_library_logging(*, verbose: bool = False) -> None:
+    """onnx-graphsurgeon's warnings (constant-folding size notes, a nag about the 'colored' module)
+    concern rrcompile's own graph rewriting, not the user's model: shown only when asked for."""
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.WARNING if verbose else gs.logger.G_LOGGER.ERROR
+    gs.logger.G_LOGGER.colors = False
+
+
+set_library_logging()
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
