@@ -10,7 +10,12 @@ Rules:
    its (possibly varied) weight: compensation is digital.
 3. Weights are initializers ``<layer>.compensation_down`` (N(0, 1/fan_in) from
    ``numpy.random.default_rng([seed, layer index])``) and ``<layer>.compensation_up`` (zeros, so
-   inserting candidates changes no output), of rank ``rank`` or else ``rank_for_budget(budget)``.
+   inserting candidates changes no output), of rank ``ranks[layer]``, else ``rank``, else
+   ``rank_for_budget(budget)``; a layer whose rank in ``ranks`` is 0 gets no candidate, or with
+   ``calibrated`` a gain and offset only.
+   With ``calibrated`` the candidate is the calibratable form (``ConvCalibration``,
+   ``DenseCalibration``) with a per-column ``<layer>.compensation_gain`` (ones) and
+   ``<layer>.compensation_offset`` (zeros), which again change no output.
 4. ``<layer>.compensation_gate`` is a float32 scalar initializer (1.0) that is also a graph input:
    feeding 0 switches that candidate off without rebuilding the graph.
 5. A conv candidate copies the layer's strides, pads and dilations; ``auto_pad`` becomes explicit
@@ -29,7 +34,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rrcompile.compensation import COMPENSATIONS, Compensation, ConvCompensation, DenseCompensation, rank_for_budget
+from typing import Mapping
+
+from rrcompile.compensation import (
+    COMPENSATIONS, Compensation, ConvCalibration, ConvCompensation, DenseCalibration, DenseCompensation, rank_for_budget,
+)
 from rrcompile.devices import FUNCTION_OPSET
 from rrcompile.errors import UnsupportedModelError
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, tensor_shapes
@@ -38,12 +47,17 @@ from rrcompile.passes.convert_opset import default_opset
 
 
 class InsertCompensationCandidatesPass(Pass):
-    def __init__(self, budget: float = 0.05, rank: int | None = None, seed: int = 0):
+    def __init__(self, budget: float = 0.05, rank: int | None = None, seed: int = 0, *,
+                 ranks: Mapping[str, int] | None = None, calibrated: bool = False):
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if ranks and min(ranks.values()) < 0:
+            raise ValueError(f"ranks must be >= 0, got {dict(ranks)}")
         self.budget = budget
         self.rank = rank
+        self.ranks = dict(ranks or {})
         self.seed = seed
+        self.calibrated = calibrated
 
     def requires(self, model: onnx.ModelProto) -> None:
         if default_opset(model) != TARGET_OPSET:
@@ -71,17 +85,27 @@ class InsertCompensationCandidatesPass(Pass):
             if node.name not in layers:
                 continue
             index, layer = layers[node.name]
+            rank = self.ranks.get(layer.node, self.rank or rank_for_budget(layer, self.budget))
+            if rank == 0 and not self.calibrated:
+                continue
             skip, conv_attrs = self._skip_reason(node, layer, inits[layer.weight]), {}
             if skip is None and layer.op == "Conv":
                 conv_attrs, skip = self._conv_attrs(node, layer, shapes)
             if skip:
                 warnings.warn(f"{self.name}: layer '{layer.node}' gets no compensation candidate: {skip}")
                 continue
-            kind = ConvCompensation if layer.op == "Conv" else DenseCompensation
-            down, up = self._weights(kind, layer, self.rank or rank_for_budget(layer, self.budget), index)
-            gate = np.array(1.0, np.float32)
-            names = [f"{layer.node}.compensation_{part}" for part in ("down", "up", "gate")]
-            model.graph.initializer.extend(numpy_helper.from_array(value, name) for value, name in zip((down, up, gate), names))
+            if layer.op == "Conv":
+                kind = ConvCalibration if self.calibrated else ConvCompensation
+            else:
+                kind = DenseCalibration if self.calibrated else DenseCompensation
+            values = [*self._weights(kind, layer, rank, index), np.array(1.0, np.float32)]
+            parts = ["down", "up", "gate"]
+            if kind.calibrated:
+                column = kind.column_shape(layer.cols, len(layer.weight_shape))
+                values += [np.ones(column, np.float32), np.zeros(column, np.float32)]
+                parts += ["gain", "offset"]
+            names = [f"{layer.node}.compensation_{part}" for part in parts]
+            model.graph.initializer.extend(numpy_helper.from_array(value, name) for value, name in zip(values, names))
             model.graph.input.append(helper.make_tensor_value_info(names[2], onnx.TensorProto.FLOAT, []))
             output = node.output[0]
             node.output[0] = f"{layer.node}.analog_output"
@@ -137,11 +161,11 @@ class InsertCompensationCandidatesPass(Pass):
     def _weights(self, kind: type[Compensation], layer: AnalogLayer, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Down weight drawn N(0, 1/fan_in) so the branch starts at the layer's scale; up weight zero."""
         rng = np.random.default_rng([self.seed, index])
-        if kind is ConvCompensation:
+        if issubclass(kind, ConvCompensation):
             out_channels, *fan_in_dims = layer.weight_shape
             down_shape, up_shape = (rank, *fan_in_dims), (out_channels, rank) + (1,) * (len(fan_in_dims) - 1)
         else:  # rows and cols are in and out features whatever the weight's layout (Gemm transB)
             down_shape, up_shape = (layer.rows, rank), (rank, layer.cols)
-        fan_in = math.prod(down_shape[1:]) if kind is ConvCompensation else down_shape[0]
+        fan_in = math.prod(down_shape[1:]) if issubclass(kind, ConvCompensation) else down_shape[0]
         down = (rng.standard_normal(down_shape) / math.sqrt(fan_in)).astype(np.float32)
         return down, np.zeros(up_shape, np.float32)

@@ -4,7 +4,7 @@ Rules:
 1. ``keep`` names analog layers (node names); each must have a candidate, or the pass fails naming
    those that do not.
 2. A dropped candidate's node is removed and its layer writes the original output name again; its
-   down, up and gate initializers, and the gate's graph input, go with it.
+   down, up, gate (and calibrated gain and offset) initializers, and the gate's graph input, go with it.
 3. Functions no node calls any more are removed, and the ``ai.rrcompile`` import once unused.
 The outputs equal those of the input model with the dropped candidates' gates fed 0.
 """
@@ -37,7 +37,7 @@ class SelectCompensationPass(Pass):
         removed_tensors = set()
         for candidate in dropped:
             layer, node = by_name[candidate.layer], by_name[candidate.node]
-            removed_tensors |= {layer.output[0], candidate.down, candidate.up, candidate.gate}
+            removed_tensors |= {layer.output[0], candidate.down, candidate.up, candidate.gate, candidate.gain, candidate.offset}
             layer.output[0] = node.output[0]
         removed_nodes = {c.node for c in dropped}
         keep_where(model.graph.node, lambda n: n.name not in removed_nodes)

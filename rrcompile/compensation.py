@@ -16,6 +16,22 @@ correction that reads the layer's own input: for a layer computing ``Y`` from ``
 ``G`` is a float32 scalar gate: 1 when the candidate is on, 0 to switch it off. A rank-``r`` unit
 costs ``r * (rows + cols)`` digital weights, a crossbar's rows and columns for the layer, so the
 rank sets the trade-off between correction power and overhead.
+
+Two modes share these forms. *Trained* compensation (the paper's, ``ConvCompensation`` and
+``DenseCompensation``) learns ``Wd`` and ``Wu`` once, for every chip; it can only learn the error
+that all chips share. *Calibrated* compensation (``ConvCalibration``, ``DenseCalibration``) adds a
+per-column gain ``A`` and offset ``B``,
+
+    Z = A * Y + B + G * up(down(X))
+
+and splits the parameters by when they are known: ``Wd`` is fixed at compile time (the
+error-weighted principal directions of the layer's inputs, ``rrcompile.calibrate``), while ``Wu``,
+``A`` and ``B`` are solved for each programmed chip in closed form from a few unlabeled images.
+Why this split, measured on LeNet-5 at sigma 0.5 (README): a chip's error ``(W' - W) x`` is a
+random matrix applied to ``x``; no fixed weight predicts that matrix, but its action on the few
+directions that carry most of ``x``'s energy (weighted by how much error each input row carries)
+is a small matrix that a least-squares fit on measured outputs recovers, and the gain and offset
+take the column-wise part of the rest for ``2 * cols`` weights.
 """
 from __future__ import annotations
 
@@ -31,6 +47,7 @@ from onnx import helper
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, tensor_shapes
 
 _INPUTS = ["Y", "X", "Wd", "Wu", "G"]
+_CALIBRATION_INPUTS = [*_INPUTS, "A", "B"]
 
 
 class Compensation(abc.ABC):
@@ -38,6 +55,7 @@ class Compensation(abc.ABC):
 
     op_type: ClassVar[str]  # function name in the ai.rrcompile domain
     attributes: ClassVar[tuple[str, ...]]
+    calibrated: ClassVar[bool] = False  # reads a per-chip gain ``A`` and offset ``B`` after ``G``
 
     @classmethod
     @abc.abstractmethod
@@ -59,15 +77,22 @@ class Compensation(abc.ABC):
     def positions(out_shape: list[int | str]) -> list[int | str]:
         """The dims of one sample's output over which the unit repeats its ``r * (rows + cols)`` MACs."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def column_shape(cols: int, weight_rank: int) -> tuple[int, ...]:
+        """Shape of a per-column gain or offset that broadcasts against the layer's output."""
+
     @classmethod
     def function_proto(cls) -> onnx.FunctionProto:
-        nodes = [
-            *cls.branch(),
-            helper.make_node("Mul", ["G", "up"], ["correction"]),
-            helper.make_node("Add", ["Y", "correction"], ["Z"]),
-        ]
+        nodes = [*cls.branch(), helper.make_node("Mul", ["G", "up"], ["correction"])]
+        if cls.calibrated:
+            nodes += [helper.make_node("Mul", ["A", "Y"], ["scaled"]), helper.make_node("Add", ["scaled", "B"], ["shifted"]),
+                      helper.make_node("Add", ["shifted", "correction"], ["Z"])]
+        else:
+            nodes.append(helper.make_node("Add", ["Y", "correction"], ["Z"]))
         return helper.make_function(
-            RRCOMPILE_DOMAIN, cls.op_type, _INPUTS, ["Z"], nodes, [helper.make_opsetid("", TARGET_OPSET)],
+            RRCOMPILE_DOMAIN, cls.op_type, _CALIBRATION_INPUTS if cls.calibrated else _INPUTS, ["Z"], nodes,
+            [helper.make_opsetid("", TARGET_OPSET)],
             attributes=list(cls.attributes), doc_string=(cls.__doc__ or "").strip().splitlines()[0],
         )
 
@@ -103,6 +128,10 @@ class ConvCompensation(Compensation):
     def positions(out_shape):
         return out_shape[2:]
 
+    @staticmethod
+    def column_shape(cols, weight_rank):
+        return (cols,) + (1,) * (weight_rank - 2)  # channels on axis 1 of [N, C, *spatial]
+
 
 class DenseCompensation(Compensation):
     """``Y + G * MatMul(MatMul(X, Wd), Wu)``: a rank-r factorization of a dense correction."""
@@ -126,8 +155,36 @@ class DenseCompensation(Compensation):
     def positions(out_shape):
         return out_shape[1:-1]
 
+    @staticmethod
+    def column_shape(cols, weight_rank):
+        return (cols,)  # features on the last axis
 
-COMPENSATIONS: dict[str, type[Compensation]] = {cls.op_type: cls for cls in (ConvCompensation, DenseCompensation)}
+
+class ConvCalibration(ConvCompensation):
+    """``A * Y + B + G * Conv(Conv(X, Wd), Wu)``: a conv compensation with per-chip up, gain and offset."""
+
+    op_type = "ConvCalibration"
+    calibrated = True
+
+    @staticmethod
+    def apply(y, x, wd, wu, g, a, b, *, strides, pads, dilations):
+        compensated = ConvCompensation.apply(np.zeros_like(y), x, wd, wu, g, strides=strides, pads=pads, dilations=dilations)
+        return a * y + b + compensated
+
+
+class DenseCalibration(DenseCompensation):
+    """``A * Y + B + G * MatMul(MatMul(X, Wd), Wu)``: a dense compensation with per-chip up, gain and offset."""
+
+    op_type = "DenseCalibration"
+    calibrated = True
+
+    @staticmethod
+    def apply(y, x, wd, wu, g, a, b):
+        return a * y + b + np.float32(g) * ((x @ wd) @ wu)
+
+
+COMPENSATIONS: dict[str, type[Compensation]] = {
+    cls.op_type: cls for cls in (ConvCompensation, DenseCompensation, ConvCalibration, DenseCalibration)}
 
 
 def _conv(x: np.ndarray, w: np.ndarray, strides, pads, dilations) -> np.ndarray:
@@ -166,11 +223,17 @@ class Candidate:
     node: str  # the compensation node's name
     op: str  # ConvCompensation or DenseCompensation
     rank: int
-    weights: int  # digital weights: size of Wd + Wu
+    weights: int  # digital weights: size of Wd + Wu (+ A + B when calibrated)
     macs: int | None  # per sample, None when the output shape is not known
     down: str  # initializer names
     up: str
     gate: str
+    gain: str | None = None  # per-chip, calibrated compensation only
+    offset: str | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.gain is not None
 
 
 def candidates(model: onnx.ModelProto) -> list[Candidate]:
@@ -183,12 +246,16 @@ def candidates(model: onnx.ModelProto) -> list[Candidate]:
         if node.domain != RRCOMPILE_DOMAIN or node.op_type not in COMPENSATIONS:
             continue
         kind = COMPENSATIONS[node.op_type]
-        _, _, down, up, gate = node.input
+        down, up, gate = node.input[2:5]
+        gain, offset = node.input[5:7] if kind.calibrated else (None, None)
         # each output position multiplies by every weight once: Wd's r x (Cin kh kw), then Wu's Cout x r
-        weights = math.prod(inits[down]) + math.prod(inits[up])
+        branch = math.prod(inits[down]) + math.prod(inits[up])
+        columns = math.prod(inits[gain]) + math.prod(inits[offset]) if kind.calibrated else 0
         out_shape = shapes.get(node.output[0])
         positions = None if out_shape is None else kind.positions(out_shape)
         known = positions is not None and all(isinstance(d, int) and d > 0 for d in positions)
-        found.append(Candidate(producer[node.input[0]], node.name, node.op_type, kind.rank(inits[down]), weights,
-                               weights * math.prod(positions) if known else None, down, up, gate))
+        # a gain and an offset cost one multiply-add per output value: a column's share per position
+        found.append(Candidate(producer[node.input[0]], node.name, node.op_type, kind.rank(inits[down]), branch + columns,
+                               (branch + columns // 2) * math.prod(positions) if known else None, down, up, gate,
+                               gain, offset))
     return found

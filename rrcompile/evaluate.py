@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from tqdm import tqdm
@@ -86,6 +87,13 @@ def _target_weight(tensor: gs.Tensor) -> gs.Constant:
     while not isinstance(tensor, gs.Constant):
         tensor = tensor.inputs[0].inputs[0]
     return tensor
+
+
+def draw_chip(varied: onnx.ModelProto, seed: int, chip: int) -> dict[str, np.ndarray]:
+    """The per-chip noise tensors of chip ``chip`` of run ``seed`` for varied model ``varied``:
+    the one definition of a chip, shared by the Monte Carlo evaluator and calibration."""
+    chip_rng = np.random.default_rng([seed, chip])
+    return {n.name: n.noise.draw(chip_rng, n.shape) for n in noise_inputs(varied) if n.noise.per == "chip"}
 
 
 def model_io(model: onnx.ModelProto) -> tuple[str, list[int | str]]:
@@ -183,28 +191,32 @@ class MonteCarloEvaluator:
 
     def chip_feed(self, seed: int, chip: int) -> dict[str, np.ndarray]:
         """The per-chip noise tensors of chip ``chip`` of run ``seed``."""
-        chip_rng = np.random.default_rng([seed, chip])
-        return {n.name: n.noise.draw(chip_rng, n.shape) for n in self.noise if n.noise.per == "chip"}
+        return draw_chip(self.varied_model, seed, chip)
 
-    def chip_accuracy(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int) -> float:
-        session, batch_feed = self.chip(seed, chip)
+    def chip_accuracy(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int,
+                      digital: Mapping[str, np.ndarray] | None = None) -> float:
+        session, batch_feed = self.chip(seed, chip, digital)
         return self._accuracy(session, x, y, batch_feed)
 
-    def chip(self, seed: int, chip: int) -> tuple[ort.InferenceSession, Callable[[], dict[str, np.ndarray]]]:
-        """A session for one simulated chip, and the extra feed each of its runs needs."""
+    def chip(self, seed: int, chip: int, digital: Mapping[str, np.ndarray] | None = None,
+             ) -> tuple[ort.InferenceSession, Callable[[], dict[str, np.ndarray]]]:
+        """A session for one simulated chip, and the extra feed each of its runs needs.
+
+        ``digital`` replaces initializers of the digital logic for this chip only (by name: a
+        calibration's per-chip compensation parameters).
+        """
         if self.exact:
-            return self.clean_session, dict
+            return (self.clean_session if not digital else _short_lived(_replaced(self.varied_model, digital))), dict
         feed = self.chip_feed(seed, chip)
         if self.read_noise:
             read_rng = np.random.default_rng([seed, chip, 1])
-            return self.varied_session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
+            session = self.varied_session if not digital else _short_lived(_replaced(self.varied_model, digital))
+            return session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
         for initializer, weight in zip(self.programmed_initializers, self.program_session.run(None, feed)):
             initializer.raw_data = weight.astype(np.float32, copy=False).tobytes()
         # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
         # the model's own initializer data, so an override gives wrong results
-        session = ort.InferenceSession(self.chip_model.SerializeToString(), _session_options(short_lived=True),
-                                       providers=["CPUExecutionProvider"])
-        return session, dict
+        return _short_lived(_replaced(self.chip_model, digital) if digital else self.chip_model), dict
 
     def chip_accuracies(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> list[float]:
         chips = tqdm(range(samples), desc=desc, unit="chip", disable=not progress, leave=False)
@@ -213,6 +225,22 @@ class MonteCarloEvaluator:
     def evaluate(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> ChipStats:
         clean = self.clean_accuracy(x, y)
         return ChipStats(clean, self.chip_accuracies(x, y, samples, seed, progress=progress, desc=desc))
+
+
+def _short_lived(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), _session_options(short_lived=True), providers=["CPUExecutionProvider"])
+
+
+def _replaced(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold those values."""
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    unknown = set(values) - {t.name for t in copy.graph.initializer}
+    if unknown:
+        raise UnsupportedModelError(f"no initializer named {', '.join(sorted(unknown))} in the model")
+    for initializer in copy.graph.initializer:
+        if initializer.name in values:
+            initializer.CopyFrom(onnx.numpy_helper.from_array(np.asarray(values[initializer.name], np.float32), initializer.name))
+    return copy
 
 
 def sigma_sweep(

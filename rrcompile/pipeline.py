@@ -2,12 +2,19 @@
 
     model = canonicalize(model)                     # one opset, symbolic batch, fused biases, folded BN
     model = finetune(model, Lipschitz penalty)      # error suppression on sampled chips (rrcompile.finetune)
+  calibrated compensation (the default):
+    model = InsertCompensationCandidatesPass(calibrated)  # a calibration slot per analog layer, largest rank
+    model = fit_projections(model, device, x)       # compile-time half: error-weighted principal directions
+    ranks = reinforce(CalibrationEnv(...))          # RL picks each slot's rank, scoring calibrated chips
+    model = with_ranks(model, ranks)
+  trained compensation (the paper's, ``calibration=False``):
     model = InsertCompensationCandidatesPass(...)   # a gated low-rank digital branch per analog layer
     model = train_compensation(model, device)       # analog weights frozen, a new chip per mini-batch
     keep  = reinforce(CompensationEnv(...))         # RL picks the candidates worth their weights
     model = SelectCompensationPass(keep) + train    # drop the rest, train the kept ones briefly
     chip, report = deploy(model)                    # strip simulation, tag analog/digital, tiles
 
+Each programmed chip is then calibrated (``rrcompile.calibrate``) before it runs.
 ``simulate(model, device)`` gives the graph with the variation ops in, which ``rrcompile evaluate``
 and the Monte Carlo evaluator run.
 """
@@ -20,16 +27,18 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from rrcompile.calibrate import CalibrationConfig, fit_projections, slot_weights, with_ranks
 from rrcompile.compensate import CompensationConfig, train_compensation
 from rrcompile.deploy import HardwareReport, deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.finetune import FinetuneConfig, finetune, split_validation
+from rrcompile.graph import analog_layers
 from rrcompile.lipschitz import LipschitzPenalty
 from rrcompile.passes.canonicalize import CanonicalizePass
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.select_compensation import SelectCompensationPass
-from rrcompile.rl.environment import CompensationEnv
+from rrcompile.rl.environment import RANK_LEVELS, CalibrationEnv, CompensationEnv
 from rrcompile.rl.reinforce import SearchResult, fixed, greedy_by_sensitivity, reinforce
 
 
@@ -49,6 +58,9 @@ class CompileOptions:
     noise_injection: bool = True  # its training on sampled chips (no fine-tune when both are off),
     compensation: bool = True  # compensation and its selection,
     rl: bool = True  # and RL (False keeps every candidate)
+    calibration: bool = True  # calibratable compensation, solved per chip (False: trained, the paper's)
+    calibration_images: int = 256  # unlabeled images each chip is calibrated on
+    calibration_config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     beta: float = 0.01
     lipschitz_form: str = "spectral"
@@ -72,6 +84,18 @@ class CompileResult:
     seconds: dict[str, float]  # per stage
     selection: dict[str, SearchResult]  # none / all / greedy / rl, scored on the validation chips
     kept: list[str]
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # calibration slots: layer -> rank
+    x_calibration: np.ndarray | None = None  # the images the compiler calibrated its validation chips on
+
+
+def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
+    """The largest rank of ``RANK_LEVELS`` each layer's slot could take alone within ``budget``,
+    every slot's gain and offset paid first: the choices the agent starts from."""
+    layers = analog_layers(model)
+    total = sum(layer.params for layer in layers)
+    left = budget * total - sum(slot_weights(layer, 0) for layer in layers)
+    return {layer.node: max([r for r in RANK_LEVELS if r <= layer.rows and r * (layer.rows + layer.cols) <= left] or [0])
+            for layer in layers}
 
 
 def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: CompileOptions, *,
@@ -93,8 +117,25 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
                                      lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form) if options.lipschitz else None,
                                      noise_injection=options.device if options.noise_injection else None)
         model = stage("fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
-    selection, kept = {}, []
-    if options.compensation:
+    selection, kept, ranks, x_calibration = {}, [], {}, None
+    if options.compensation and options.calibration:
+        x_train, _, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
+        x_calibration = x_train[:options.calibration_images]
+        model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
+            ranks=calibration_ranks(model, options.budget), calibrated=True, seed=options.seed)(model).model)
+        model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
+        env = stage("profile layers", lambda: CalibrationEnv(
+            model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
+            chips=options.rl_chips, seed=options.seed, overhead_weight=options.overhead_weight,
+            max_overhead=options.budget, calibration=options.calibration_config))
+        choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
+                       if options.rl else greedy_by_sensitivity(env, options.budget))
+        selection = {"none": fixed(env, keep_all=False), "greedy": greedy_by_sensitivity(env, options.budget),
+                     "rl" if options.rl else "chosen": choice}
+        ranks = env.rank_config(choice.keep)
+        kept = [layer for layer, rank in ranks.items() if rank]
+        model = with_ranks(model, ranks)
+    elif options.compensation:
         x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
         # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
         # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
@@ -116,4 +157,4 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         model = stage("final training", lambda: train_compensation(
             SelectCompensationPass(kept)(model).model, options.device, x_train, y_train, final, progress=progress)[0])
     deployed, hardware = stage("deploy", lambda: deploy(model, options.tile))
-    return CompileResult(model, deployed, hardware, seconds, selection, kept)
+    return CompileResult(model, deployed, hardware, seconds, selection, kept, ranks, x_calibration)

@@ -311,6 +311,8 @@ def _device_op(op_type: str) -> OpFunction:
 
 def conv_compensation(inputs: list, attrs: dict) -> list:
     y, x, down, up, gate = inputs
+    if not down.numel():  # rank 0: torch has no convolution to zero channels
+        return [y]
     hidden = _conv(x, down, None, attrs["strides"], attrs["pads"], attrs["dilations"])
     n = up.dim() - 2
     return [y + gate * _conv(hidden, up, None, [1] * n, [0] * (2 * n), [1] * n)]
@@ -319,6 +321,15 @@ def conv_compensation(inputs: list, attrs: dict) -> list:
 def dense_compensation(inputs: list, attrs: dict) -> list:
     y, x, down, up, gate = inputs
     return [y + gate * ((x @ down) @ up)]
+
+
+def _calibrated(compensation: OpFunction) -> OpFunction:
+    """``A * Y + B + correction``: the calibratable form of ``compensation``."""
+    def run(inputs: list, attrs: dict) -> list:
+        y, x, down, up, gate, gain, offset = inputs
+        correction = compensation([torch.zeros_like(y), x, down, up, gate], attrs)[0]
+        return [gain * y + offset + correction]
+    return run
 
 
 OPS: dict[str, OpFunction] = {
@@ -343,6 +354,8 @@ OPS: dict[str, OpFunction] = {
     **{f"{RRCOMPILE_DOMAIN}:{op}": _device_op(op) for op in BY_OP_TYPE},
     f"{RRCOMPILE_DOMAIN}:ConvCompensation": conv_compensation,
     f"{RRCOMPILE_DOMAIN}:DenseCompensation": dense_compensation,
+    f"{RRCOMPILE_DOMAIN}:ConvCalibration": _calibrated(conv_compensation),
+    f"{RRCOMPILE_DOMAIN}:DenseCalibration": _calibrated(dense_compensation),
 }
 
 
@@ -508,12 +521,15 @@ class TorchGraph(torch.nn.Module):
         return {name: draw[noise.noise.distribution](noise.shape, generator=self._generator, device=device)
                 for name, noise in self.noise.items()}
 
-    def forward(self, x: Tensor, feed: dict[str, Tensor] | None = None, outputs: Sequence[str] | None = None):
+    def forward(self, x: Tensor, feed: dict[str, Tensor] | None = None, outputs: Sequence[str] | None = None,
+                intercept: Callable[[onnx.NodeProto, dict, list], list | None] | None = None):
         """The first graph output, or a dict of the tensors named in ``outputs``.
 
         ``feed`` overrides graph inputs or initializers by name: noise draws (when any noise input
         is not fed, all are drawn from the module's generator first, so one call is one chip) and
-        compensation gates.
+        compensation gates. ``intercept(node, attrs, inputs)`` sees every node before it runs and may
+        return its outputs instead (a programmed chip computing the analog layers, a calibration
+        solving a compensation node's parameters on the way).
         """
         feed = feed or {}
         values: dict[str, Tensor] = {name: self.tensor(name) for name in self._keys}
@@ -522,6 +538,11 @@ class TorchGraph(torch.nn.Module):
             values.update(self._draw(x.device))
         values.update(feed)
         for node, attrs in self.nodes:
+            if intercept is not None:
+                results = intercept(node, attrs, [values[i] if i else None for i in node.input])
+                if results is not None:
+                    values.update(zip(node.output, results))
+                    continue
             if node.name in self._layer_of:
                 values[node.output[0]] = self._run_layer(node, attrs, values[node.input[0]])
                 continue

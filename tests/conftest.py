@@ -38,13 +38,17 @@ def gates(model: onnx.ModelProto, value: float, layers: Iterable[str] | None = N
 
 
 def with_up_weights(model: onnx.ModelProto, seed: int = 0, scale: float = 0.5) -> onnx.ModelProto:
-    """A copy of a compensated model whose zero-initialized up weights are random, so candidates act."""
+    """A copy of a compensated model whose zero-initialized up weights (and calibrated gains and
+    offsets, around 1 and 0) are random, so candidates act."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    ups = {c.up for c in candidates(model)}
+    found = candidates(model)
+    centres = {**{c.up: 0.0 for c in found}, **{c.gain: 1.0 for c in found if c.calibrated},
+               **{c.offset: 0.0 for c in found if c.calibrated}}
     rng = np.random.default_rng(seed)
     for tensor in model.graph.initializer:
-        if tensor.name in ups:
-            tensor.CopyFrom(numpy_helper.from_array((rng.standard_normal(tuple(tensor.dims)) * scale).astype(np.float32), tensor.name))
+        if tensor.name in centres:
+            value = centres[tensor.name] + rng.standard_normal(tuple(tensor.dims)) * scale
+            tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
     return model
 
 

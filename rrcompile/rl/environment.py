@@ -1,4 +1,7 @@
-"""The compensation-selection environment: keep or drop each candidate, scored on fixed chips.
+"""The compensation-selection environments: what to keep at each candidate, scored on fixed chips.
+
+``CompensationEnv`` (trained compensation, the paper's): keep or drop each candidate.
+``CalibrationEnv`` (calibrated compensation): choose each slot's rank, every chip calibrated.
 
 An episode visits the compensation candidates in topological order of the networkx view; at each
 the agent keeps (1) or drops (0) it. The reward, given once at the end, is
@@ -53,7 +56,10 @@ class LayerProfile:
 
 
 class CompensationEnv:
-    """Rewards of keep/drop configurations of ``model``'s compensation candidates under ``device``."""
+    """Rewards of keep/drop configurations of ``model``'s compensation candidates under ``device``.
+
+    A configuration holds one option index per step (candidate): here 0 drops it, 1 keeps it.
+    """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray, *,
                  chips: int = 8, seed: int = 0, overhead_weight: float = 1.0, max_overhead: float = 1.0,
@@ -74,6 +80,22 @@ class CompensationEnv:
     @property
     def steps(self) -> int:
         return len(self.candidates)
+
+    def options(self, step: int) -> int:
+        """How many options step ``step`` has (option 0 spends the least; costs grow with the option)."""
+        return 2
+
+    def affordable(self, step: int, keep: Sequence[int]) -> int:
+        """How many of step ``step``'s options keep the overhead within the budget, given the
+        choices ``keep[:step]`` and the cheapest option at every later step (at least one)."""
+        trial = [*keep[:step], 0, *[0] * (self.steps - step - 1)]
+        count = 1
+        for option in range(1, self.options(step)):
+            trial[step] = option
+            if self.overhead(trial) > self.max_overhead + 1e-12:
+                break
+            count = option + 1
+        return count
 
     def gates(self, keep: Sequence[int]) -> dict[str, np.ndarray]:
         return {c.gate: np.array(float(k), dtype=np.float32) for c, k in zip(self.candidates, keep)}
@@ -164,3 +186,59 @@ def _feature_errors(model, device, found, x, chips, seed, all_off) -> dict[str, 
         varied = session.run(None, {**feed, **chip_feed()})[1:]
         errors += [np.linalg.norm(v - c) / max(np.linalg.norm(c), 1e-12) for v, c in zip(varied, clean)]
     return dict(zip(outputs, errors / chips))
+
+
+RANK_LEVELS = (0, 1, 2, 4, 8, 16, 32, 64)  # the ranks a calibration slot may take
+VALIDATION_CHIPS_FROM = 1_000_000  # validation chips are chips 1e6.. of the seed: never an evaluated chip
+
+
+class CalibrationEnv(CompensationEnv):
+    """Rewards of rank configurations of ``model``'s calibratable slots under ``device``.
+
+    The option of step ``t`` is an index into the slot's ranks (``RANK_LEVELS`` up to the rank
+    inserted; option 0 is rank 0, a gain and offset only). A configuration's accuracy is the mean,
+    over ``chips`` validation chips, of each chip's accuracy *after* it is calibrated on
+    ``x_calibration`` with that configuration's ranks; its overhead counts every slot's digital
+    weights (``slot_weights``). The state is the base environment's, the cost feature being that
+    of the slot's largest rank.
+    """
+
+    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray, x: np.ndarray,
+                 y: np.ndarray, *, chips: int = 4, seed: int = 0, overhead_weight: float = 1.0,
+                 max_overhead: float = 1.0, batch_size: int = 500, calibration=None):
+        from rrcompile.calibrate import CalibrationConfig, slot_weights
+
+        self.model, self.device, self.x_calibration = model, device, x_calibration
+        self.calibration = calibration or CalibrationConfig()
+        self._slot_weights = slot_weights
+        super().__init__(model, device, x, y, chips=chips, seed=seed, overhead_weight=overhead_weight,
+                         max_overhead=max_overhead, batch_size=batch_size)
+        self._chip_sessions = None
+        layers = {layer.node: layer for layer in analog_layers(model)}
+        self.layers = [layers[c.layer] for c in self.candidates]
+        self.ranks = [[r for r in RANK_LEVELS if r <= c.rank] for c in self.candidates]
+
+    def options(self, step: int) -> int:
+        return len(self.ranks[step])
+
+    def rank_config(self, keep: Sequence[int]) -> dict[str, int]:
+        return {c.layer: self.ranks[step][k] for step, (c, k) in enumerate(zip(self.candidates, keep))}
+
+    def overhead(self, keep: Sequence[int]) -> float:
+        return sum(self._slot_weights(layer, ranks[k]) for layer, ranks, k in zip(self.layers, self.ranks, keep)) \
+            / self.analog_weights
+
+    def _score(self, keep: tuple[int, ...]) -> tuple[float, float]:
+        if keep not in self._rewards:
+            overhead = self.overhead(keep)
+            if overhead > self.max_overhead + 1e-12:  # not worth calibrating: it may not be kept anyway
+                self._rewards[keep] = (float("nan"), -1.0)
+            else:
+                from rrcompile.calibrate import CalibratedEvaluator, with_ranks
+
+                evaluator = CalibratedEvaluator(with_ranks(self.model, self.rank_config(keep)), self.device,
+                                                self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size)
+                accuracy = float(np.mean([evaluator.chip_accuracy(self.x, self.y, self.seed, VALIDATION_CHIPS_FROM + chip)
+                                          for chip in range(self.chips)]))
+                self._rewards[keep] = (accuracy, accuracy - self.overhead_weight * overhead)
+        return self._rewards[keep]

@@ -1,11 +1,13 @@
 """The selection agent: REINFORCE with a moving-average baseline, and the greedy comparison.
 
-Why REINFORCE: the decision at each candidate is binary and the reward arrives once per episode,
-so a stochastic policy over discrete actions trained by the score-function gradient fits the
-problem directly. DDPG (the choice of AMC-style compression agents) needs a continuous action and
+Why REINFORCE: the decision at each candidate is discrete (keep or drop; or a calibration slot's
+rank among a few levels) and the reward arrives once per episode, so a stochastic policy over
+discrete actions trained by the score-function gradient fits the problem directly. DDPG (the choice of AMC-style compression agents) needs a continuous action and
 a learned critic, which a few dozen to a few hundred episodes cannot train reliably; the
 moving-average baseline gives REINFORCE the variance reduction a critic would. The policy is a
-small MLP from a candidate's state (``environment.FEATURES``) to the probability of keeping it.
+small MLP from a candidate's state (``environment.FEATURES``) to logits over its options (the
+environment's ``options(step)``; logits past the options the remaining budget affords are masked
+out, so no episode is spent on a configuration over budget).
 
 Exploration is the policy's own sampling; the best configuration seen in any episode is returned,
 since every reward is exact for the fixed validation chips.
@@ -23,7 +25,7 @@ from rrcompile.rl.environment import FEATURES, CompensationEnv
 
 @dataclasses.dataclass
 class SearchResult:
-    keep: tuple[int, ...]  # 1 = keep, per candidate in the environment's order
+    keep: tuple[int, ...]  # the option chosen per candidate, in the environment's order (0: spend nothing)
     reward: float
     accuracy: float
     overhead: float
@@ -46,16 +48,19 @@ def reinforce(env: CompensationEnv, *, episodes: int = 60, lr: float = 0.05, see
     """Train a keep/drop policy for ``episodes`` episodes; return the best configuration seen."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    policy = torch.nn.Sequential(torch.nn.Linear(len(FEATURES), 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    widest = max(env.options(step) for step in range(env.steps))
+    policy = torch.nn.Sequential(torch.nn.Linear(len(FEATURES), 16), torch.nn.Tanh(), torch.nn.Linear(16, widest))
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     baseline, best, rewards = None, None, []
     bar = tqdm(range(episodes), desc="RL episodes", unit="ep", disable=not progress, leave=False)
     for _ in bar:
         keep, log_probs = [], []
         for step in range(env.steps):
-            p_keep = torch.sigmoid(policy(torch.from_numpy(env.state(step, keep + [0] * (env.steps - step)))))[0]
-            action = int(torch.rand((), generator=generator) < p_keep)
-            log_probs.append(torch.log(p_keep if action else 1 - p_keep).clamp_min(-20))
+            # the agent only chooses among what the budget still allows: every episode is a valid configuration
+            logits = policy(torch.from_numpy(env.state(step, keep + [0] * (env.steps - step))))[:env.affordable(step, keep)]
+            probabilities = torch.softmax(logits, dim=0)
+            action = int(torch.multinomial(probabilities, 1, generator=generator))
+            log_probs.append(torch.log(probabilities[action]).clamp_min(-20))
             keep.append(action)
         reward = env.reward(keep)
         rewards.append(reward)
@@ -72,16 +77,19 @@ def reinforce(env: CompensationEnv, *, episodes: int = 60, lr: float = 0.05, see
 
 
 def greedy_by_sensitivity(env: CompensationEnv, max_overhead: float) -> SearchResult:
-    """Keep the most sensitive layers' candidates first while the overhead stays within ``max_overhead``."""
+    """The most sensitive layers first, each given its largest option that keeps the overhead
+    within ``max_overhead``."""
     keep = [0] * env.steps
     for step in sorted(range(env.steps), key=lambda s: -env.profiles[s].sensitivity):
-        trial = keep.copy()
-        trial[step] = 1
-        if env.overhead(trial) <= max_overhead + 1e-12:
-            keep = trial
+        for option in reversed(range(1, env.options(step))):
+            trial = keep.copy()
+            trial[step] = option
+            if env.overhead(trial) <= max_overhead + 1e-12:
+                keep = trial
+                break
     return _result(env, keep, [])
 
 
 def fixed(env: CompensationEnv, keep_all: bool) -> SearchResult:
-    """No compensation, or every candidate."""
-    return _result(env, [int(keep_all)] * env.steps, [])
+    """Every candidate at option 0 (nothing spent), or at its largest option."""
+    return _result(env, [env.options(step) - 1 if keep_all else 0 for step in range(env.steps)], [])

@@ -10,6 +10,7 @@ from conftest import DIGITS_MODEL, run
 
 from rrcompile.cli import main
 from rrcompile.compensate import CompensationConfig
+from rrcompile.compensation import candidates
 from rrcompile.data import load_data
 from rrcompile.devices import BY_OP_TYPE, parse_device
 from rrcompile.finetune import FinetuneConfig
@@ -30,9 +31,23 @@ def digits():
     return onnx.load(str(DIGITS_MODEL)), train.x / np.float32(255), train.y
 
 
-def test_compile_runs_every_stage_and_deploys_a_plain_onnx_graph(digits):
+def test_compile_calibrates_by_default_within_the_budget(digits):
     model, x, y = digits
     result = compile(model, x, y, small(), progress=False, log=lambda _: None)
+    assert list(result.seconds) == ["canonicalize", "fine-tune", "insert calibration slots", "fit projections",
+                                    "profile layers", "RL selection", "deploy"]
+    assert set(result.selection) == {"none", "greedy", "rl"}
+    assert result.selection["rl"].reward >= result.selection["none"].reward
+    assert set(result.ranks) == {"conv1", "conv2", "fc1", "fc2"} and result.hardware.overhead_percent <= 3.0
+    assert all(c.calibrated for c in candidates(result.deployed)) and len(result.x_calibration) == 256
+    onnx.checker.check_model(result.deployed, full_check=True)
+    # uncalibrated, the slots change nothing: the deployed graph computes the fine-tuned network
+    np.testing.assert_allclose(run(result.deployed, x[:20]), run(result.model, x[:20]), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_with_trained_compensation_runs_the_papers_stages(digits):
+    model, x, y = digits
+    result = compile(model, x, y, small(calibration=False), progress=False, log=lambda _: None)
     assert list(result.seconds) == ["canonicalize", "fine-tune", "insert candidates", "train compensation",
                                     "profile layers", "RL selection", "final training", "deploy"]
     assert set(result.selection) == {"none", "all", "greedy", "rl"}
@@ -49,7 +64,7 @@ def test_stages_can_be_switched_off(digits):
     bare = compile(model, x, y, small(lipschitz=False, noise_injection=False, compensation=False),
                    progress=False, log=lambda _: None)
     assert list(bare.seconds) == ["canonicalize", "deploy"] and bare.kept == []
-    keep_all = compile(model, x, y, small(lipschitz=False, rl=False), progress=False, log=lambda _: None)
+    keep_all = compile(model, x, y, small(lipschitz=False, rl=False, calibration=False), progress=False, log=lambda _: None)
     assert keep_all.kept == ["conv1", "conv2", "fc1", "fc2"] and "rl" not in keep_all.selection
 
 

@@ -166,6 +166,22 @@ def compensated_varied(digits) -> onnx.ModelProto:
     return with_up_weights(InsertCompensationCandidatesPass()(varied).model, seed=1)
 
 
+@pytest.fixture(scope="module")
+def calibrated_varied(digits) -> onnx.ModelProto:
+    """The digits CNN varied, with a calibratable slot per layer (random per-chip parameters), one of rank 0."""
+    varied = InsertVariationPass(parse_device("lognormal:sigma=0.5+read:eta=0.02"))(digits).model
+    slots = InsertCompensationCandidatesPass(ranks={"conv1": 2, "conv2": 0, "fc1": 3, "fc2": 0}, calibrated=True)(varied)
+    return with_up_weights(slots.model, seed=3, scale=0.2)
+
+
+def test_calibrated_graph_matches_onnxruntime_on_the_same_draws(calibrated_varied):
+    rng = np.random.default_rng(4)
+    draws = {n.name: n.noise.draw(rng, n.shape) for n in noise_inputs(calibrated_varied)}
+    x = rng.random((8, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(torch_run(TorchGraph(calibrated_varied), x, **draws),
+                               run(calibrated_varied, x, **draws), **TOLERANCE)
+
+
 def torch_run(module: TorchGraph, x: np.ndarray, **feed: np.ndarray) -> np.ndarray:
     return module(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in feed.items()}).detach().numpy()
 
@@ -176,8 +192,9 @@ def test_op_matches_onnxruntime(name):
     np.testing.assert_allclose(torch_run(TorchGraph(model), x), run(model, x), **TOLERANCE)
 
 
-def test_every_table_entry_is_checked_against_onnxruntime(compensated_varied):
-    checked = {op_key(node) for model in [*(m for m, _ in CASES.values()), exporter_reshape_chain(), compensated_varied]
+def test_every_table_entry_is_checked_against_onnxruntime(compensated_varied, calibrated_varied):
+    checked = {op_key(node) for model in [*(m for m, _ in CASES.values()), exporter_reshape_chain(), compensated_varied,
+                                          calibrated_varied]
                for node in model.graph.node}
     assert set(OPS) - checked == set()
 

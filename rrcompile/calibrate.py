@@ -1,0 +1,488 @@
+"""Per-chip calibration: measure a programmed chip, solve its compensation in closed form.
+
+Every programmed chip is different, so compensation fixed at compile time can only repair the
+error all chips share. Calibration repairs each chip's own: after programming, a few unlabeled
+images run through the chip; at every analog layer that carries a calibratable compensation
+(``rrcompile.compensation.ConvCalibration`` / ``DenseCalibration``), the layer's raw output ``Y``
+is compared with the ideal output ``T = W x + b`` that the digital twin computes from the same
+input ``x``, and the slot's per-chip parameters are the ridge least-squares solution of
+
+    T ~ A * Y + B + Wu (Wd x)        (per output column j: a_j, b_j and the row u_j of Wu)
+
+with ``Wd`` fixed at compile time (:func:`fit_projections`). No labels, no gradient descent: one
+linear solve of size ``rank + 2`` per column. The ridge pulls every parameter toward "no
+correction" (gain 1, offset 0, up 0) in proportion to its own feature energy, so read noise and
+stuck cells, which make ``Y`` partly unpredictable, shrink the correction instead of breaking it.
+
+Layers are calibrated in graph order, in one pass: when layer ``l`` is reached its inputs already
+come through the calibrated layers before it, which is what the chip sees once deployed.
+
+:class:`Chip` is the part of a chip-in-the-loop harness the compiler needs: run one analog layer of
+the programmed chip on given inputs and return its raw outputs. :class:`SimulatedChip` implements
+it with the same draws as the Monte Carlo evaluator (chip ``k`` of seed ``s`` is the same chip
+everywhere). Real hardware measured elsewhere comes as a measurement file
+(:func:`load_measurements`): for each calibrated layer, the inputs it saw and the outputs it gave.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from rrcompile.compensation import COMPENSATIONS, Candidate, candidates
+from rrcompile.devices import DeviceConfig, noise_inputs
+from rrcompile.errors import DataError
+from rrcompile.evaluate import draw_chip
+from rrcompile.graph import AnalogLayer, analog_layers
+from rrcompile.passes.insert_variation import InsertVariationPass
+from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
+
+# a measured input or output per calibrated layer, in a measurement file
+INPUT_SUFFIX, OUTPUT_SUFFIX = ".input", ".output"
+
+
+class CalibrationError(DataError):
+    """Measurements that cannot calibrate the model (missing layer, wrong shape, non-finite values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    ridge: float = 1e-3  # relative to each feature's energy: 0 is plain least squares
+    affine: bool = True  # solve the per-column gain and offset (else they stay 1 and 0)
+    target: str = "layer"  # "layer": W x on the chip's own x; "network": the clean network's output there
+
+
+class Chip(abc.ABC):
+    """A programmed chip, seen through the calibration harness."""
+
+    @abc.abstractmethod
+    def run_layer(self, layer: str, x: np.ndarray) -> np.ndarray:
+        """The raw output of analog layer ``layer`` (node name) on inputs ``x``, as the chip computes it."""
+
+
+def _layer_nodes(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, dict, AnalogLayer]]:
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    return {n.name: (n, _attributes(n), layers[n.name]) for n in model.graph.node if n.name in layers}
+
+
+def programmed_weights(model: onnx.ModelProto, device: DeviceConfig, feed: Mapping[str, np.ndarray],
+                       read_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Each varied layer's programmed weight (by node name) under ``device``, from the noise ``feed``
+    (named like the varied graph's noise inputs); read noise is drawn from ``read_rng`` when given."""
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for layer in analog_layers(model):
+        stack = device.for_layer(layer.node, layer.weight)
+        if not stack:
+            continue
+        w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
+        w_range = np.float32(np.abs(w).max())
+        for device_model in stack:
+            noise = None
+            if device_model.noise is not None:
+                name = f"{layer.node}.{device_model.kind}_noise"
+                if device_model.noise.per == "chip":
+                    noise = feed[name]
+                elif read_rng is not None:
+                    noise = device_model.noise.draw(read_rng, w.shape)
+                else:
+                    continue
+            w = device_model.apply(w, w_range, noise).astype(np.float32)
+        weights[layer.node] = w
+    return weights
+
+
+class SimulatedChip(Chip):
+    """Chip ``index`` of seed ``seed`` under ``device``: the Monte Carlo evaluator's chip, layer by layer.
+
+    Read noise, if the device has it, is drawn anew at every layer run from the chip's read stream.
+    """
+
+    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, seed: int, index: int, *,
+                 varied: onnx.ModelProto | None = None):
+        self.seed, self.index = seed, index
+        self._layers = _layer_nodes(model)
+        varied = varied if varied is not None else InsertVariationPass(device)(model).model
+        self._read_rng = np.random.default_rng([seed, index, 1])
+        self._model, self._device = model, device
+        self._feed = draw_chip(varied, seed, index)
+        self._reads = any(m.noise is not None and m.noise.per == "inference" for s in device.stacks() for m in s)
+        self._weights = programmed_weights(model, device, self._feed)
+        self._inits = {t.name: t for t in model.graph.initializer}
+
+    def run_layer(self, layer: str, x: np.ndarray) -> np.ndarray:
+        node, attrs, analog = self._layers[layer]
+        weights = programmed_weights(self._model, self._device, self._feed, self._read_rng) if self._reads else self._weights
+        inputs = [torch.from_numpy(np.ascontiguousarray(x, np.float32))]
+        for index, name in enumerate(node.input[1:], start=1):
+            if index == 1 and layer in weights:
+                inputs.append(torch.from_numpy(weights[layer]))
+            else:
+                inputs.append(torch.from_numpy(numpy_helper.to_array(self._inits[name]).copy()) if name else None)
+        with torch.no_grad():
+            return OPS[op_key(node)](inputs, attrs)[0].numpy()
+
+
+@dataclasses.dataclass
+class Slot:
+    """A calibratable compensation node and how to compute its branch input ``Wd x``."""
+
+    candidate: Candidate
+    node: onnx.NodeProto
+    attrs: dict
+    layer: AnalogLayer
+
+    @property
+    def is_conv(self) -> bool:
+        return self.layer.op == "Conv"
+
+
+def slots(model: onnx.ModelProto) -> list[Slot]:
+    """The calibratable compensation nodes of ``model``, in graph order."""
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    by_name = {n.name: n for n in model.graph.node}
+    return [Slot(c, by_name[c.node], _attributes(by_name[c.node]), layers[c.layer]) for c in candidates(model) if c.calibrated]
+
+
+def _down(slot: Slot, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``Wd x`` as rows of features: [positions, rank]."""
+    if slot.is_conv:
+        hidden = OPS["Conv"]([x, down], {k: slot.attrs[k] for k in ("strides", "pads", "dilations")})[0]
+        return hidden.movedim(1, -1).reshape(-1, down.shape[0])
+    return (x @ down).reshape(-1, down.shape[1])
+
+
+def _columns(slot: Slot, y: torch.Tensor) -> torch.Tensor:
+    """A layer output as rows of columns: [positions, cols]."""
+    return y.movedim(1, -1).reshape(-1, y.shape[1]) if slot.is_conv else y.reshape(-1, y.shape[-1])
+
+
+def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
+          config: CalibrationConfig) -> dict[str, np.ndarray]:
+    """The slot's per-chip parameters (up, gain, offset: initializer name -> value) from one chip's
+    measured layer input ``x`` and raw output ``y``, and the ideal output for the same ``x``."""
+    raw, error = _columns(slot, y).double(), (_columns(slot, ideal) - _columns(slot, y)).double()
+    # a rank-0 slot (gain and offset only) has no branch to run (torch has no 0-channel conv)
+    features = _down(slot, x, down).double() if down.numel() else raw.new_zeros(len(raw), 0)
+    rank, cols = features.shape[1], raw.shape[1]
+    if config.affine:
+        shared = torch.cat([features, features.new_ones(len(features), 1)], dim=1)  # [M, r + 1]
+        # per column j the features are [y_j, shared]: a batched (r + 2)-square system
+        gram = torch.zeros(cols, rank + 2, rank + 2, dtype=torch.float64)
+        gram[:, 1:, 1:] = shared.T @ shared
+        cross = shared.T @ raw  # [r + 1, cols]
+        gram[:, 0, 1:] = cross.T
+        gram[:, 1:, 0] = cross.T
+        gram[:, 0, 0] = (raw * raw).sum(0)
+        rhs = torch.cat([(raw * error).sum(0, keepdim=True), shared.T @ error], dim=0).T  # [cols, r + 2]
+    else:
+        gram = (features.T @ features).expand(cols, rank, rank).clone()
+        rhs = (features.T @ error).T
+    diagonal = torch.diagonal(gram, dim1=1, dim2=2)
+    # each feature's own energy sets its ridge: scale-free, and a dead feature (all zero) stays at 0
+    diagonal += config.ridge * diagonal + 1e-12 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-30)
+    solution = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)  # [cols, features]
+    candidate = slot.candidate
+    column_shape = tuple(y.shape[1:2]) + (1,) * (y.dim() - 2) if slot.is_conv else (cols,)
+    if config.affine:
+        gain, offset, up = 1 + solution[:, 0], solution[:, -1], solution[:, 1:-1]
+    else:
+        gain, offset, up = torch.ones(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64), solution
+    up = up.reshape(cols, rank, *[1] * (down.dim() - 2)) if slot.is_conv else up.T
+    return {candidate.up: up.float().numpy(), candidate.gain: gain.float().reshape(column_shape).numpy(),
+            candidate.offset: offset.float().reshape(column_shape).numpy()}
+
+
+@dataclasses.dataclass
+class ChipCalibration:
+    """One chip's calibration: the per-chip initializer values, and what was measured to get them."""
+
+    values: dict[str, np.ndarray]
+    measurements: dict[str, np.ndarray]  # "<layer>.input" / "<layer>.output", as a measurement file holds
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``model`` with this chip's parameters in its initializers: the chip's own graph."""
+        calibrated = onnx.ModelProto.FromString(model.SerializeToString())
+        for initializer in calibrated.graph.initializer:
+            if initializer.name in self.values:
+                initializer.CopyFrom(numpy_helper.from_array(self.values[initializer.name], initializer.name))
+        return calibrated
+
+
+class Calibrator:
+    """Calibrates chips of one model (a compiled model with calibratable compensation)."""
+
+    def __init__(self, model: onnx.ModelProto, config: CalibrationConfig = CalibrationConfig()):
+        self.model, self.config = model, config
+        self.slots = slots(model)
+        if not self.slots:
+            raise CalibrationError("the model has no calibratable compensation (compile it with calibration on)")
+        self._by_node = {s.candidate.node: s for s in self.slots}
+        self._by_layer = {s.layer.node: s for s in self.slots}
+        self._layers = _layer_nodes(model)
+        self._graph = TorchGraph(model, trainable=[])
+        self._inits = {t.name: t for t in model.graph.initializer}
+
+    def calibrate(self, chip: Chip, x: np.ndarray) -> ChipCalibration:
+        """Walk the layers in graph order on calibration images ``x``, measuring ``chip`` and solving each slot."""
+        values: dict[str, np.ndarray] = {}
+        measurements: dict[str, np.ndarray] = {}
+        ideal: dict[str, torch.Tensor] = {}
+        batch = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        clean = {}
+        if self.config.target == "network":
+            with torch.no_grad():
+                clean = self._graph(batch, outputs=[self._layers[s.layer.node][0].output[0] for s in self.slots])
+
+        def intercept(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
+            if node.name in self._layers:
+                raw = torch.from_numpy(np.asarray(chip.run_layer(node.name, inputs[0].numpy()), np.float32))
+                if node.name in self._by_layer:
+                    ideal[node.output[0]] = clean[node.output[0]] if clean else OPS[op_key(node)](inputs, attrs)[0]
+                    measurements[node.name + INPUT_SUFFIX] = inputs[0].numpy().copy()
+                    measurements[node.name + OUTPUT_SUFFIX] = raw.numpy().copy()
+                return [raw]
+            slot = self._by_node.get(node.name)
+            if slot is None:
+                return None
+            y, x_in = inputs[0], inputs[1]
+            solved = solve(slot, x_in, y, ideal.pop(node.input[0]), inputs[2], self.config)
+            values.update(solved)
+            c = slot.candidate
+            inputs = [*inputs[:3], torch.from_numpy(solved[c.up]), inputs[4],
+                      torch.from_numpy(solved[c.gain]), torch.from_numpy(solved[c.offset])]
+            return OPS[op_key(node)](inputs, attrs)
+
+        with torch.no_grad():
+            self._graph(batch, intercept=intercept)
+        return ChipCalibration(values, measurements)
+
+    def calibrate_measured(self, measurements: Mapping[str, np.ndarray], source: str = "measurements") -> ChipCalibration:
+        """Solve every slot from measured layer inputs and outputs (a measurement file's arrays)."""
+        self.check_measurements(measurements, source)
+        values = {}
+        with torch.no_grad():
+            for slot in self.slots:
+                node, attrs, _ = self._layers[slot.layer.node]
+                x = torch.from_numpy(np.asarray(measurements[slot.layer.node + INPUT_SUFFIX], np.float32))
+                y = torch.from_numpy(np.asarray(measurements[slot.layer.node + OUTPUT_SUFFIX], np.float32))
+                inputs = [x, *(self._constant(name) for name in node.input[1:])]
+                ideal = OPS[op_key(node)](inputs, attrs)[0]
+                values.update(solve(slot, x, y, ideal, self._constant(slot.candidate.down), self.config))
+        return ChipCalibration(values, dict(measurements))
+
+    def _constant(self, name: str) -> torch.Tensor | None:
+        return torch.from_numpy(numpy_helper.to_array(self._inits[name]).copy()) if name else None
+
+    def check_measurements(self, measurements: Mapping[str, np.ndarray], source: str) -> None:
+        """One-line errors for a measurement set that cannot calibrate this model."""
+        for slot in self.slots:
+            node, attrs, layer = self._layers[slot.layer.node]
+            names = [layer.node + INPUT_SUFFIX, layer.node + OUTPUT_SUFFIX]
+            missing = [n for n in names if n not in measurements]
+            if missing:
+                raise CalibrationError(f"{source}: no array '{missing[0]}' for calibrated layer '{layer.node}'")
+            x, y = (np.asarray(measurements[n]) for n in names)
+            for name, array in zip(names, (x, y)):
+                if not np.issubdtype(array.dtype, np.floating):
+                    raise CalibrationError(f"{source}: '{name}' has dtype {array.dtype}, expected floating point")
+                if not np.all(np.isfinite(array)):
+                    raise CalibrationError(f"{source}: '{name}' holds {int(np.sum(~np.isfinite(array)))} non-finite values")
+            expected = self._ideal_shape(node, attrs, x, name=names[0], source=source)
+            if tuple(y.shape) != expected:
+                raise CalibrationError(f"{source}: '{names[1]}' has shape {list(y.shape)}, but layer '{layer.node}' "
+                                       f"gives {list(expected)} for '{names[0]}' of shape {list(x.shape)}")
+
+    def _ideal_shape(self, node, attrs, x: np.ndarray, *, name: str, source: str) -> tuple[int, ...]:
+        try:
+            with torch.no_grad():
+                inputs = [torch.from_numpy(np.asarray(x[:1], np.float32)), *(self._constant(n) for n in node.input[1:])]
+                sample = OPS[op_key(node)](inputs, attrs)[0]
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise CalibrationError(f"{source}: '{name}' of shape {list(x.shape)} does not fit layer '{node.name}' "
+                                   f"({str(exc).splitlines()[0]})") from None
+        return (len(x), *sample.shape[1:])
+
+
+def load_measurements(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a measurement file (``.npz``, no pickles): ``<layer>.input`` and ``<layer>.output``."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, AttributeError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz measurement file ({str(exc).splitlines()[0] or type(exc).__name__})") from None
+
+
+def save_measurements(measurements: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    from rrcompile.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **measurements)
+
+
+def with_ranks(model: onnx.ModelProto, ranks: Mapping[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose calibratable slots keep only their first ``ranks[layer]`` directions
+    (the strongest: :func:`fit_projections` orders them), with the up weights cut to match."""
+    found = {s.layer.node: s for s in slots(model)}
+    unknown = set(ranks) - set(found)
+    if unknown:
+        raise CalibrationError(f"no calibratable compensation at layer(s) {', '.join(sorted(unknown))}")
+    result = onnx.ModelProto.FromString(model.SerializeToString())
+    by_name = {t.name: t for t in result.graph.initializer}
+    for layer, rank in ranks.items():
+        slot = found[layer]
+        if not 0 <= rank <= slot.candidate.rank:
+            raise CalibrationError(f"layer '{layer}': rank {rank} outside 0..{slot.candidate.rank}")
+        down = numpy_helper.to_array(by_name[slot.candidate.down])
+        up = numpy_helper.to_array(by_name[slot.candidate.up])
+        down, up = (down[:rank], up[:, :rank]) if slot.is_conv else (down[:, :rank], up[:rank])
+        for name, value in ((slot.candidate.down, down), (slot.candidate.up, up)):
+            by_name[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return result
+
+
+def slot_weights(layer: AnalogLayer, rank: int) -> int:
+    """Digital weights of a calibratable slot of ``rank``: down and up, then a gain and an offset per column."""
+    return rank * (layer.rows + layer.cols) + 2 * layer.cols
+
+
+class CalibratedEvaluator:
+    """Monte Carlo accuracy of ``model``'s chips before and after each is calibrated on ``x_calibration``.
+
+    Chip ``k`` is the evaluator's chip ``k``: the same draws measured, calibrated and evaluated.
+    """
+
+    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray,
+                 config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = 500):
+        from rrcompile.evaluate import MonteCarloEvaluator
+
+        self.model, self.device, self.x_calibration = model, device, x_calibration
+        self.calibrator = Calibrator(model, config)
+        self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)
+
+    def calibrate(self, seed: int, chip: int) -> ChipCalibration:
+        simulated = SimulatedChip(self.model, self.device, seed, chip, varied=self.evaluator.varied_model)
+        return self.calibrator.calibrate(simulated, self.x_calibration)
+
+    def chip_accuracy(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int) -> float:
+        return self.evaluator.chip_accuracy(x, y, seed, chip, self.calibrate(seed, chip).values)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, samples: int, seed: int, *, progress: bool = True,
+                 desc: str = "chips") -> tuple["ChipStats", "ChipStats"]:
+        """(uncalibrated, calibrated) statistics over chips ``0 .. samples - 1``."""
+        from tqdm import tqdm
+
+        from rrcompile.evaluate import ChipStats
+
+        clean = self.evaluator.clean_accuracy(x, y)
+        raw, calibrated = [], []
+        for chip in tqdm(range(samples), desc=f"{desc} (calibrated)", unit="chip", disable=not progress, leave=False):
+            raw.append(self.evaluator.chip_accuracy(x, y, seed, chip))
+            calibrated.append(self.chip_accuracy(x, y, seed, chip))
+        return ChipStats(clean, raw), ChipStats(clean, calibrated)
+
+
+# --- compile time: the down projections --------------------------------------------------------
+
+def _input_rows(slot: Slot, x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """The layer's input as the rows its weight multiplies (im2col patches for a conv), at most ``limit``."""
+    if slot.is_conv:
+        attrs = slot.attrs
+        spatial = x.dim() - 2
+        if spatial not in (1, 2):
+            raise CalibrationError(f"layer '{slot.layer.node}': calibration supports 1-d and 2-d convolutions")
+        pads, strides, dilations = attrs["pads"], attrs["strides"], attrs["dilations"]
+        kernel = slot.layer.weight_shape[2:]
+        if spatial == 1:
+            x, kernel = x.unsqueeze(2), (1, *kernel)
+            pads, strides, dilations = [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations]
+        padded = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+        rows = F.unfold(padded, kernel, dilation=dilations, stride=strides).transpose(1, 2).reshape(-1, slot.layer.rows)
+    else:
+        rows = x.reshape(-1, slot.layer.rows)
+    if len(rows) > limit:
+        rows = rows[torch.randperm(len(rows), generator=generator)[:limit]]
+    return rows.double()
+
+
+def _weight_matrix(layer: AnalogLayer, weight: np.ndarray, transposed: bool) -> np.ndarray:
+    """A weight as [rows, cols]: input features by output features."""
+    if layer.op == "Conv":
+        return weight.reshape(weight.shape[0], -1).T
+    return weight.T if transposed else weight
+
+
+def fit_projections(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, *, seed: int = 0, chips: int = 8,
+                    max_rows: int = 200_000) -> onnx.ModelProto:
+    """``model`` with every calibratable slot's down projection set to the error-weighted principal
+    directions of its layer's inputs on ``x`` (training images, the clean network).
+
+    Why these: with ``Wu`` solved per chip, the correction left is the chip's error on the part of
+    ``x`` outside the span of ``Wd``'s rows. For a weight deviation ``D`` whose entries are
+    independent, ``E||D r||^2 = sum_i s_i r_i^2`` with ``s_i`` the expected squared deviation of
+    input row ``i`` (summed over columns), so the best rank-``r`` span is that of the top
+    eigenvectors ``q`` of ``S^1/2 C S^1/2`` (``C`` the input covariance), and ``Wd = Q^T S^1/2``.
+    ``s_i`` is measured on ``chips`` sampled chips (from a stream of their own, never the
+    evaluation chips), so every device model weights rows its own way.
+    """
+    found = slots(model)
+    if not found:
+        return model
+    graph = TorchGraph(model, trainable=[])
+    inputs = {s.layer.node: s.node.input[1] for s in found}
+    with torch.no_grad():
+        values = graph(torch.from_numpy(np.ascontiguousarray(x, np.float32)), outputs=list(inputs.values()))
+    inits = {t.name: t for t in model.graph.initializer}
+    deviation = {s.layer.node: np.zeros(s.layer.rows) for s in found}
+    varied = InsertVariationPass(device)(model)
+    draws = noise_inputs(varied.model) if varied.modified else []
+    generator = np.random.default_rng([seed, 0xF17])
+    for _ in range(chips):
+        feed = {n.name: n.noise.draw(generator, n.shape) for n in draws if n.noise.per == "chip"}
+        programmed = programmed_weights(model, device, feed, generator)
+        for slot in found:
+            if slot.layer.node not in programmed:
+                continue
+            node = slot.layer
+            transposed = _transposed(model, node)
+            target = _weight_matrix(node, numpy_helper.to_array(inits[node.weight]), transposed)
+            chip = _weight_matrix(node, programmed[node.node], transposed)
+            deviation[node.node] += ((chip - target).astype(np.float64) ** 2).sum(axis=1) / chips
+    torch_generator = torch.Generator().manual_seed(seed)
+    result = onnx.ModelProto.FromString(model.SerializeToString())
+    by_name = {t.name: t for t in result.graph.initializer}
+    for slot in found:
+        rows = _input_rows(slot, values[inputs[slot.layer.node]], max_rows, torch_generator)
+        rows = rows - rows.mean(dim=0)  # the offset takes the mean
+        covariance = (rows.T @ rows / max(1, len(rows) - 1)).numpy()
+        weight = np.sqrt(deviation[slot.layer.node])
+        if not weight.any():  # an exact layer: weight rows by input energy alone
+            weight = np.ones_like(weight)
+        eigenvalues, eigenvectors = np.linalg.eigh(weight[:, None] * covariance * weight[None, :])
+        rank = slot.candidate.rank
+        top = eigenvectors[:, np.argsort(eigenvalues)[::-1][:rank]]  # [rows, r]
+        down = (top * weight[:, None]).T  # [r, rows]: features q^T S^1/2 x
+        down /= np.maximum(np.linalg.norm(down, axis=1, keepdims=True), 1e-30)
+        shape = tuple(by_name[slot.candidate.down].dims)
+        value = down.reshape(shape) if slot.is_conv else down.T.reshape(shape)
+        by_name[slot.candidate.down].CopyFrom(numpy_helper.from_array(value.astype(np.float32), slot.candidate.down))
+    return result
+
+
+def _transposed(model: onnx.ModelProto, layer: AnalogLayer) -> bool:
+    """Whether a dense layer's weight is stored [cols, rows] (Gemm with transB)."""
+    if layer.op != "Gemm":
+        return False
+    node = next(n for n in model.graph.node if n.name == layer.node)
+    return bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
