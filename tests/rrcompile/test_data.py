@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +124,54 @@ def test_cifar10_pickles(tmp_path):
         load_data(f"cifar10:{batch_dir}")
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` opcodes, as the official CIFAR-10 batches (cPickle) hold them."""
+
+    def save_bytes(self, obj):
+        self.write((pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256
+                    else pickle.BINSTRING + len(obj).to_bytes(4, "little")) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def test_cifar10_python2_batch_as_published(tmp_path):
+    data = np.random.default_rng(1).integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 8, 8, 0], b"data": data,
+             b"filenames": [b"cat_s_000019.png"] * 4}
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(batch)
+    raw = buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # numpy 1's name
+    assert b"cnumpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
+    (tmp_path / "test_batch").write_bytes(raw)
+    test = load_data(f"cifar10:{tmp_path}")
+    assert test.y.tolist() == [3, 8, 8, 0]
+    np.testing.assert_array_equal(test.x.reshape(4, -1), data)
+
+
+class _Call:
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (_Call(os.system, "touch {marker}"), "posix.system"),
+    (_Call(exec, "open({marker!r}, 'w')"), "builtins.exec"),
+    (_Call(np.dtype, "O"), "an array of Python objects"),  # an admitted global, refused arguments
+])
+def test_cifar10_pickle_runs_no_code(tmp_path, payload, refused):
+    marker = tmp_path / "pwned"
+    payload.args = tuple(a.format(marker=str(marker)) for a in payload.args)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": payload, b"labels": [0]}))
+    with pytest.raises(DataError, match=f"test_batch: .*{re.escape(refused)}") as info:
+        load_data(f"cifar10:{tmp_path}")
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
 def test_npz_round_trip(tmp_path):
     x = np.arange(2 * 5 * 6, dtype=np.uint8).reshape(2, 5, 6)
     np.savez(tmp_path / "hw.npz", x=x, y=np.array([3, 1]))
@@ -139,6 +190,27 @@ def test_npz_round_trip(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"PK junk")
     with pytest.raises(DataError, match="junk.npz: not a readable .npz"):
         load_data(f"npz:{tmp_path / 'junk.npz'}")
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (np.zeros((0, 8, 8)), np.zeros(0, int), "no samples"),
+    (np.array([["a"] * 8] * 2), np.arange(2), "array 'x' must be numeric"),
+    (np.ones((2, 8)), np.array(["a", "b"]), "array 'y' must be numeric"),
+    (np.array([[1.0, np.nan], [np.inf, -np.inf]]), np.arange(2), "3 NaN or Inf pixel value"),
+])
+def test_npz_refusals(tmp_path, x, y, message):
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(DataError, match=message):
+        load_data(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_labels_must_be_classes_of_the_model():
+    data = Dataset("d", np.zeros((4, 2), np.float32), np.array([0, 9, 10, -1]))
+    with pytest.raises(DataError, match=r"2 label\(s\) outside the model's 10 classes \[0, 10\), e.g. 10"):
+        data.check_labels(10)
+    with pytest.raises(DataError, match="e.g. -1"):
+        data.check_labels(None)
+    Dataset("d", data.x[:2], data.y[:2]).check_labels(10)
 
 
 def test_preprocess_per_channel_math():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ from onnx import TensorProto, helper
 
 from rrcompile.devices import DEVICE_MODELS, LogNormalVariation, parse_device, parse_models, simulated_device
 from rrcompile.errors import DeviceSpecError
-from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, analog_layers
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.pipeline import canonicalize
 
@@ -87,7 +88,8 @@ def test_spec_parsing_orders_physically_and_rejects_bad_input():
     for bad, match in [("lognormal:sigma=-0.1", "sigma=-0.1 must be >= 0"), ("gaussian:sigma=1", "unknown device model 'gaussian'"),
                        ("lognormal:mu=1", "bad parameter 'mu=1'"), ("lognormal:sigma=x", "not a number"),
                        ("lognormal", "missing sigma"), ("quantize:levels=2.5", "integer"),
-                       ("stuck:p_off=0.7,p_on=0.6", "p_off \\+ p_on")]:
+                       ("stuck:p_off=0.7,p_on=0.6", "p_off \\+ p_on"), ("lognormal:sigma=inf", "sigma=inf must be a finite"),
+                       ("read:eta=nan", "eta=nan must be a finite"), ("quantize:levels=inf", "levels=inf must be an integer")]:
         with pytest.raises(DeviceSpecError, match=match):
             parse_models(bad)
     assert set(DEVICE_MODELS) == set(SPECS)
@@ -110,6 +112,17 @@ def test_device_file_sets_models_per_layer(tmp_path):
         parse_device(str(bad))
     with pytest.raises(DeviceSpecError, match="not found"):
         parse_device(str(tmp_path / "missing.yaml"))
+
+
+def test_a_layer_pattern_that_matches_no_analog_layer_is_refused(tmp_path):
+    layers = analog_layers(canonicalize(onnx.load(str(DIGITS_MODEL))))
+    path = tmp_path / "chip.json"
+    path.write_text(json.dumps({"layers": {"fc*": "none", "conv2.weight": "lognormal:sigma=0.1"}}))
+    parse_device(str(path)).check_patterns(layers)  # by node name and by weight name
+    for pattern in ("Conv_*", "conv[1"):  # another export's names; an unclosed class matches literally
+        path.write_text(json.dumps({"layers": {"fc*": "none", pattern: "none"}}))
+        with pytest.raises(DeviceSpecError, match=re.escape(f"chip.json: layer pattern '{pattern}' matches no analog layer")):
+            parse_device(str(path)).check_patterns(layers)
 
 
 def test_with_sigma_replaces_every_lognormal():
