@@ -5,8 +5,12 @@ For each model and log-normal sigma, on the test set over the same ``--samples``
 - original: the canonical model as shipped;
 - Lipschitz: fine-tuned with the spectral Lipschitz penalty on exact weights (``rrcompile finetune``);
 - noise injection: fine-tuned on a fresh chip per mini-batch, same epochs (the standard remedy);
-- compiled: ``rrcompile compile`` (Lipschitz on sampled chips + RL-chosen compensation), with its
-  extra weights and wall time.
+- noise injection + calibrated: that model given calibration slots (ranks chosen by the agent,
+  ``compile`` without its fine-tune), every chip calibrated on 256 unlabeled training images;
+- compiled: ``rrcompile compile`` (Lipschitz on sampled chips + RL-chosen calibration slots), its
+  chips uncalibrated, with its extra weights and wall time;
+- compiled + calibrated: the same chips, each calibrated as it would be at bring-up.
+Every column is evaluated on the same chips.
 
 Every method fine-tunes for the benchmark's own epochs: 5 on the MNIST-sized sets; 30, with a
 longer patience, on digits (1,437 training images, about 11 steps an epoch).
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from rrcompile.calibrate import CalibratedEvaluator
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
 from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io
@@ -59,7 +64,8 @@ BENCHMARKS = {
     "vgg-fashion": Benchmark(REPO / "models" / "vgg_fashion.onnx", f"fashion-mnist:{SHARED / 'fashion-mnist'}"),
     "digits": Benchmark(REPO / "models" / "digits_cnn.onnx", "digits", epochs=30, patience=10),
 }
-METHODS = ("original", "Lipschitz", "noise injection", "compiled")
+METHODS = ("original", "Lipschitz", "noise injection", "noise injection + calibrated", "compiled", "compiled + calibrated")
+CALIBRATED = {"noise injection + calibrated": "noise injection", "compiled + calibrated": "compiled"}
 
 
 def plot_methods(curves: dict[str, dict[float, ChipStats]], path: Path, title: str) -> None:
@@ -97,17 +103,33 @@ def cell(cache: Path, fresh: bool, compute) -> dict:
     return result
 
 
+def run_calibrated(method: str, model, x_train, y_train, x_test, y_test, device, epochs: int, patience: int, args,
+                   folder: Path) -> dict:
+    """Compile (its fine-tune on, or off for an already fine-tuned model), then evaluate every chip
+    before and after calibration; the result holds both."""
+    started = time.perf_counter()
+    fine_tune = method == "compiled + calibrated"
+    options = CompileOptions(device, finetune=FinetuneConfig(epochs=epochs, patience=patience), budget=args.budget,
+                             seed=args.seed, lipschitz=fine_tune, noise_injection=fine_tune)
+    result = compile(model, x_train, y_train, options, progress=False, log=lambda _: None)
+    seconds = time.perf_counter() - started
+    save_model(result.deployed, folder / f"{method.replace(' ', '_').replace('+', 'plus')}.onnx")
+    started = time.perf_counter()
+    raw, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration).evaluate(
+        x_test, y_test, args.samples, args.seed, progress=False)
+    per_chip = (time.perf_counter() - started) / args.samples
+    extra = {"extra_weights_percent": result.hardware.overhead_percent, "seconds": seconds, "ranks": result.ranks,
+             "evaluate_seconds_per_chip": per_chip}
+    return {**calibrated.summary(), "chips": calibrated.chip_accuracies, **extra,
+            "uncalibrated": {**raw.summary(), "chips": raw.chip_accuracies}}
+
+
 def run_method(method: str, model, x_train, y_train, x_test, y_test, device, epochs: int, patience: int, args,
                folder: Path) -> dict:
     started = time.perf_counter()
     extra_weights = 0.0
     if method == "original":
         tuned = model
-    elif method == "compiled":
-        options = CompileOptions(device, finetune=FinetuneConfig(epochs=epochs, patience=patience), budget=args.budget,
-                                 seed=args.seed)
-        result = compile(model, x_train, y_train, options, progress=False, log=lambda _: None)
-        tuned, extra_weights = result.model, result.hardware.overhead_percent
     else:
         config = FinetuneConfig(epochs=epochs, patience=patience, seed=args.seed, validation_device=device,
                                 lipschitz=LipschitzPenalty(args.beta, "spectral") if method == "Lipschitz" else None,
@@ -156,29 +178,41 @@ def main() -> None:
             folder = out / name / key
             results = {}
             for method in METHODS:
-                results[method] = cell(folder / f"{method.replace(' ', '_')}.json", args.fresh,
-                                       lambda: run_method(method, model, x_train, train.y, x_test, test.y, device, epochs,
-                                                          bench.patience, args, folder))
+                file = folder / f"{method.replace(' ', '_').replace('+', 'plus')}.json"
+                if method == "compiled":  # the uncalibrated chips of the compiled + calibrated cell
+                    calibrated = cell(folder / "compiled_plus_calibrated.json", args.fresh, lambda: run_calibrated(
+                        "compiled + calibrated", model, x_train, train.y, x_test, test.y, device, epochs,
+                        bench.patience, args, folder))
+                    results[method] = {**calibrated["uncalibrated"], "seconds": calibrated["seconds"],
+                                       "extra_weights_percent": calibrated["extra_weights_percent"]}
+                elif method == "noise injection + calibrated":
+                    results[method] = cell(file, args.fresh, lambda: run_calibrated(
+                        method, load_model(folder / "noise_injection.onnx"), x_train, train.y, x_test, test.y, device, epochs, bench.patience, args, folder))
+                else:
+                    results[method] = cell(file, args.fresh, lambda: run_method(
+                        method, model, x_train, train.y, x_test, test.y, device, epochs, bench.patience, args, folder))
                 curves[method][sigma] = ChipStats(results[method]["clean_accuracy"], results[method]["chips"])
                 print(f"{name} sigma={sigma:g} {method}: mean {percent(results[method]['mean'])}", flush=True)
             report.append({"model": name, "sigma": sigma, "epochs": epochs,
                            **{m: {k: v for k, v in r.items() if k != "chips"} for m, r in results.items()}})
-            compiled = results["compiled"]
+            compiled = results["compiled + calibrated"]
             rows.append([name, f"{sigma:g}", epochs, percent(results["original"]["clean_accuracy"]),
                          *(f"{percent(r['mean'])} / {percent(r['p5'])} / {percent(r['worst'])} / {percent(r['yield'])}"
                            for r in results.values()),
                          f"{percent(compiled['clean_accuracy'])}, {compiled['mean'] / compiled['clean_accuracy']:.1%}",
-                         f"{compiled['extra_weights_percent']:.2f}%", f"{compiled['seconds']:.0f} s"])
+                         f"{compiled['extra_weights_percent']:.2f}%", f"{compiled['seconds']:.0f} s",
+                         f"{compiled['evaluate_seconds_per_chip']:.2f} s"])
         if len(curves["original"]) > 1:
             plot_methods(curves, out / f"{name}.sigma.png", f"{name}: accuracy over {args.samples} chips per point")
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} on {default_device()}"
     write_json({"args": vars(args), "machine": machine, "cells": report}, out / "paper_table.json")
     print(f"\n{args.samples} chips per cell, seed {args.seed}, compensation budget {args.budget:.0%}; {machine}. "
-          "Method cells: mean / 5th pct / worst / yield over the test set; compiled: its clean accuracy, and its "
-          "mean as a fraction of it.\n")
+          "Method cells: mean / 5th pct / worst / yield over the test set; compiled + calibrated: its clean accuracy, "
+          "its mean as a fraction of it, its extra weights, compile time, and per chip the time to measure, "
+          "calibrate and evaluate it twice.\n")
     print(format_table(["model", "sigma", "epochs", "clean", *METHODS, "compiled clean, mean/clean", "extra weights",
-                        "compile time"], rows, "lrrr" + "r" * (len(METHODS) + 3), markdown=True))
+                        "compile time", "per chip"], rows, "lrrr" + "r" * (len(METHODS) + 4), markdown=True))
 
 
 if __name__ == "__main__":

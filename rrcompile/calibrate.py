@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import os
 import zipfile
 import zlib
@@ -47,8 +48,9 @@ from rrcompile.graph import AnalogLayer, analog_layers
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 
-# a measured input or output per calibrated layer, in a measurement file
-INPUT_SUFFIX, OUTPUT_SUFFIX = ".input", ".output"
+# a measurement file: the calibration images, and per calibrated layer what it saw and gave
+IMAGES, INPUT_SUFFIX, OUTPUT_SUFFIX = "images", ".input", ".output"
+TARGETS = ("network", "layer")
 
 
 class CalibrationError(DataError):
@@ -59,7 +61,16 @@ class CalibrationError(DataError):
 class CalibrationConfig:
     ridge: float = 1e-3  # relative to each feature's energy: 0 is plain least squares
     affine: bool = True  # solve the per-column gain and offset (else they stay 1 and 0)
-    target: str = "layer"  # "layer": W x on the chip's own x; "network": the clean network's output there
+    # what a layer's corrected output should match: "network", the clean network's output at that
+    # layer on the same image (so a slot also takes out error arriving from the layers before it);
+    # "layer", the ideal ``W x`` on the input the chip's layer saw
+    target: str = "network"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"calibration target {self.target!r}: expected one of {', '.join(TARGETS)}")
+        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            raise ValueError(f"calibration ridge {self.ridge}: must be a finite number >= 0")
 
 
 class Chip(abc.ABC):
@@ -239,10 +250,7 @@ class Calibrator:
         measurements: dict[str, np.ndarray] = {}
         ideal: dict[str, torch.Tensor] = {}
         batch = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        clean = {}
-        if self.config.target == "network":
-            with torch.no_grad():
-                clean = self._graph(batch, outputs=[self._layers[s.layer.node][0].output[0] for s in self.slots])
+        clean = self._clean_outputs(batch) if self.config.target == "network" else {}
 
         def intercept(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
             if node.name in self._layers:
@@ -265,27 +273,46 @@ class Calibrator:
 
         with torch.no_grad():
             self._graph(batch, intercept=intercept)
-        return ChipCalibration(values, measurements)
+        return ChipCalibration(values, {IMAGES: batch.numpy().copy(), **measurements})
 
     def calibrate_measured(self, measurements: Mapping[str, np.ndarray], source: str = "measurements") -> ChipCalibration:
         """Solve every slot from measured layer inputs and outputs (a measurement file's arrays)."""
         self.check_measurements(measurements, source)
         values = {}
+        images = torch.from_numpy(np.asarray(measurements[IMAGES], np.float32))
+        clean = self._clean_outputs(images) if self.config.target == "network" else {}
         with torch.no_grad():
             for slot in self.slots:
                 node, attrs, _ = self._layers[slot.layer.node]
                 x = torch.from_numpy(np.asarray(measurements[slot.layer.node + INPUT_SUFFIX], np.float32))
                 y = torch.from_numpy(np.asarray(measurements[slot.layer.node + OUTPUT_SUFFIX], np.float32))
-                inputs = [x, *(self._constant(name) for name in node.input[1:])]
-                ideal = OPS[op_key(node)](inputs, attrs)[0]
+                if clean:
+                    ideal = clean[node.output[0]]
+                else:
+                    ideal = OPS[op_key(node)]([x, *(self._constant(name) for name in node.input[1:])], attrs)[0]
                 values.update(solve(slot, x, y, ideal, self._constant(slot.candidate.down), self.config))
         return ChipCalibration(values, dict(measurements))
+
+    def _clean_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every calibrated layer's output in the clean network (the digital twin) on ``images``."""
+        with torch.no_grad():
+            return self._graph(images, outputs=[self._layers[s.layer.node][0].output[0] for s in self.slots])
 
     def _constant(self, name: str) -> torch.Tensor | None:
         return torch.from_numpy(numpy_helper.to_array(self._inits[name]).copy()) if name else None
 
     def check_measurements(self, measurements: Mapping[str, np.ndarray], source: str) -> None:
         """One-line errors for a measurement set that cannot calibrate this model."""
+        if IMAGES not in measurements:
+            raise CalibrationError(f"{source}: no array '{IMAGES}' (the calibration images the chip was measured on)")
+        images = np.asarray(measurements[IMAGES])
+        expected = [d if isinstance(d, int) else None for d in self._graph_input_shape()[1:]]
+        if images.ndim != len(expected) + 1 or any(e is not None and e != d for e, d in zip(expected, images.shape[1:])) \
+                or not np.issubdtype(images.dtype, np.floating) or not len(images):
+            raise CalibrationError(f"{source}: '{IMAGES}' of shape {list(images.shape)} and dtype {images.dtype} does not "
+                                   f"fit the model input [N, {', '.join('?' if e is None else str(e) for e in expected)}]")
+        if not np.all(np.isfinite(images)):
+            raise CalibrationError(f"{source}: '{IMAGES}' holds {int(np.sum(~np.isfinite(images)))} non-finite values")
         for slot in self.slots:
             node, attrs, layer = self._layers[slot.layer.node]
             names = [layer.node + INPUT_SUFFIX, layer.node + OUTPUT_SUFFIX]
@@ -298,10 +325,17 @@ class Calibrator:
                     raise CalibrationError(f"{source}: '{name}' has dtype {array.dtype}, expected floating point")
                 if not np.all(np.isfinite(array)):
                     raise CalibrationError(f"{source}: '{name}' holds {int(np.sum(~np.isfinite(array)))} non-finite values")
+            if len(x) != len(images):
+                raise CalibrationError(f"{source}: '{names[0]}' holds {len(x)} samples for {len(images)} images")
             expected = self._ideal_shape(node, attrs, x, name=names[0], source=source)
             if tuple(y.shape) != expected:
                 raise CalibrationError(f"{source}: '{names[1]}' has shape {list(y.shape)}, but layer '{layer.node}' "
                                        f"gives {list(expected)} for '{names[0]}' of shape {list(x.shape)}")
+
+    def _graph_input_shape(self) -> list[int | str]:
+        from rrcompile.evaluate import model_io
+
+        return model_io(self.model)[1]
 
     def _ideal_shape(self, node, attrs, x: np.ndarray, *, name: str, source: str) -> tuple[int, ...]:
         try:

@@ -9,7 +9,7 @@ from graph_builders import QUIRK_MODELS
 from onnx import TensorProto, helper
 
 from rrcompile.compensation import (
-    ConvCompensation, DenseCompensation, candidates, rank_for_budget, weights_per_rank,
+    ConvCalibration, ConvCompensation, DenseCalibration, DenseCompensation, candidates, rank_for_budget, weights_per_rank,
 )
 from rrcompile.devices import FUNCTION_OPSET
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers
@@ -52,6 +52,39 @@ def test_dense_compensation_matches_numpy_reference():
     x, wd, wu, y = normal(4, 3, 12), normal(12, 2), normal(2, 5), normal(4, 3, 5)  # MatMul broadcasts leading dims
     got = run_function(DenseCompensation, {"Y": y, "X": x, "Wd": wd, "Wu": wu, "G": np.array(1.5, np.float32)})
     np.testing.assert_allclose(got, DenseCompensation.apply(y, x, wd, wu, 1.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_calibration_functions_match_their_numpy_references(rank):
+    attrs = {"strides": [1, 2], "pads": [1, 0, 1, 1], "dilations": [1, 1]}
+    x = normal(2, 3, 7, 8)
+    y = normal(2, 5, 7, 4)
+    gain, offset = normal(5, 1, 1), normal(5, 1, 1)
+    operands = {"Y": y, "X": x, "Wd": normal(rank, 3, 3, 2), "Wu": normal(5, rank, 1, 1), "G": np.array(1, np.float32),
+                "A": gain, "B": offset}
+    got = run_function(ConvCalibration, operands, **attrs)
+    np.testing.assert_allclose(got, ConvCalibration.apply(*operands.values(), **attrs), atol=1e-4, rtol=1e-5)
+    x, y = normal(4, 12), normal(4, 6)
+    operands = {"Y": y, "X": x, "Wd": normal(12, rank), "Wu": normal(rank, 6), "G": np.array(1, np.float32),
+                "A": normal(6), "B": normal(6)}
+    np.testing.assert_allclose(run_function(DenseCalibration, operands), DenseCalibration.apply(*operands.values()),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(QUIRK_MODELS))
+def test_calibration_slots_start_as_the_identity_and_count_their_columns(name):
+    raw, x = QUIRK_MODELS[name]()
+    model = canonicalize(raw)
+    slotted = InsertCompensationCandidatesPass(rank=1, calibrated=True)(model).model
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    found = candidates(slotted)
+    assert found and all(c.calibrated for c in found)
+    for candidate in found:
+        layer = layers[candidate.layer]
+        assert candidate.weights == layer.rows + layer.cols + 2 * layer.cols
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (slotted, model)]
+    outputs = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
 
 
 def test_gate_zero_returns_the_analog_output_exactly():

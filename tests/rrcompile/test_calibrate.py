@@ -1,0 +1,163 @@
+"""Per-chip calibration: exactness, determinism, measured chips, and robustness to noisy devices."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import DIGITS_MODEL, run
+from onnx import TensorProto, helper, numpy_helper
+
+from rrcompile.calibrate import (
+    IMAGES, CalibratedEvaluator, Chip, CalibrationConfig, CalibrationError, Calibrator, SimulatedChip, fit_projections,
+    load_measurements, save_measurements, slot_weights, with_ranks,
+)
+from rrcompile.compensation import DenseCalibration, candidates
+from rrcompile.data import load_data
+from rrcompile.devices import parse_device
+from rrcompile.evaluate import MonteCarloEvaluator
+from rrcompile.graph import analog_layers
+from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
+from rrcompile.pipeline import canonicalize
+from rrcompile.torch_graph import TorchGraph
+
+RANKS = {"conv1": 4, "conv2": 2, "fc1": 2, "fc2": 0}  # fc2: gain and offset only
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = load_data("digits", "train"), load_data("digits", "test")
+    return canonicalize(onnx.load(str(DIGITS_MODEL))), train.x / np.float32(255), test.x / np.float32(255), test.y
+
+
+def slotted(model: onnx.ModelProto, device, x: np.ndarray, ranks=RANKS) -> onnx.ModelProto:
+    return fit_projections(InsertCompensationCandidatesPass(ranks=ranks, calibrated=True)(model).model, device, x)
+
+
+def test_a_chip_without_variation_calibrates_to_the_uncalibrated_model(digits):
+    model, x_train, x_test, _ = digits
+    device = parse_device("lognormal:sigma=0")
+    compiled = slotted(model, device, x_train[:500])
+    calibration = Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 3), x_train[:256])
+    assert set(calibration.values) == {name for c in candidates(compiled) for name in (c.up, c.gain, c.offset)}
+    chip_graph = calibration.apply(compiled)
+    assert np.abs(run(chip_graph, x_test) - run(model, x_test)).max() <= 1e-5
+
+
+def test_calibration_is_deterministic_and_the_chip_is_the_evaluators(digits):
+    model, x_train, x_test, _ = digits
+    device = parse_device("lognormal:sigma=0.5")
+    compiled = slotted(model, device, x_train[:500])
+    first, second = (Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 5), x_train[:256]) for _ in range(2))
+    assert all(np.array_equal(first.values[k], second.values[k]) for k in first.values)
+    # the simulated chip, layer by layer, computes what the evaluator's session for chip 5 computes
+    session, feed = MonteCarloEvaluator(compiled, device).chip(0, 5)
+    chip = SimulatedChip(compiled, device, 0, 5)
+    analog = {layer.node for layer in analog_layers(compiled)}
+
+    def on_chip(node, attrs, inputs):
+        return [torch.from_numpy(chip.run_layer(node.name, inputs[0].numpy()))] if node.name in analog else None
+
+    with torch.no_grad():
+        layered = TorchGraph(compiled)(torch.from_numpy(x_test[:50]), intercept=on_chip).numpy()
+    np.testing.assert_allclose(layered, session.run(None, {"image": x_test[:50], **feed()})[0], atol=1e-4, rtol=1e-4)
+
+
+def linear_model(weight: np.ndarray) -> onnx.ModelProto:
+    rows, cols = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="dense")], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cols])], [numpy_helper.from_array(weight, "W")])
+    return canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+class KnownDeviation(Chip):
+    """A chip whose one layer computes ``x (W + D)`` with a deviation ``D`` the test knows."""
+
+    def __init__(self, weight: np.ndarray, deviation: np.ndarray):
+        self.weight, self.deviation = weight, deviation
+
+    def run_layer(self, layer, x):
+        return x @ (self.weight + self.deviation)
+
+
+def test_a_full_rank_slot_recovers_the_ideal_output_of_a_known_deviation():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((6, 4)).astype(np.float32)
+    compiled = fit_projections(InsertCompensationCandidatesPass(ranks={"dense": 6}, calibrated=True)(linear_model(weight)).model,
+                               parse_device("lognormal:sigma=0.3"), rng.standard_normal((200, 6)).astype(np.float32))
+    chip = KnownDeviation(weight, rng.standard_normal(weight.shape).astype(np.float32) * 0.5)
+    calibrated = Calibrator(compiled, CalibrationConfig(ridge=0.0)).calibrate(chip, rng.standard_normal((64, 6)).astype(np.float32))
+    parameters = {t.name.removeprefix("dense.compensation_"): numpy_helper.to_array(t)
+                  for t in calibrated.apply(compiled).graph.initializer if t.name.startswith("dense.compensation_")}
+    fresh = rng.standard_normal((32, 6)).astype(np.float32)  # images the calibration never saw
+    corrected = DenseCalibration.apply(chip.run_layer("dense", fresh), fresh, parameters["down"], parameters["up"],
+                                       parameters["gate"], parameters["gain"], parameters["offset"])
+    assert np.abs(chip.run_layer("dense", fresh) - fresh @ weight).max() > 0.5
+    np.testing.assert_allclose(corrected, fresh @ weight, atol=1e-4, rtol=1e-4)
+
+
+def test_measured_chips_calibrate_like_the_chip_in_the_loop(digits, tmp_path):
+    model, x_train, x_test, _ = digits
+    device = parse_device("lognormal:sigma=0.5")
+    compiled = slotted(model, device, x_train[:500])
+    calibrator = Calibrator(compiled)
+    in_the_loop = calibrator.calibrate(SimulatedChip(compiled, device, 0, 2), x_train[:128])
+    save_measurements(in_the_loop.measurements, tmp_path / "chip2.npz")
+    from_file = calibrator.calibrate_measured(load_measurements(tmp_path / "chip2.npz"), "chip2.npz")
+    for name, value in in_the_loop.values.items():
+        np.testing.assert_allclose(from_file.values[name], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: m.pop("conv2.output"), "no array 'conv2.output'"),
+    (lambda m: m.pop(IMAGES), "no array 'images'"),
+    (lambda m: m.__setitem__("fc1.output", m["fc1.output"][:, :5]), "'fc1.output' has shape"),
+    (lambda m: m.__setitem__("conv1.input", m["conv1.input"][:, :, :4]), "conv1"),
+    (lambda m: m["fc1.input"].__setitem__((0, 0), np.nan), "non-finite"),
+    (lambda m: m.__setitem__("conv1.input", m["conv1.input"].astype(np.int64)), "dtype"),
+])
+def test_bad_measurements_are_one_line_errors(digits, damage, message):
+    model, x_train, _, _ = digits
+    device = parse_device("lognormal:sigma=0.5")
+    compiled = slotted(model, device, x_train[:300])
+    calibrator = Calibrator(compiled)
+    measurements = calibrator.calibrate(SimulatedChip(compiled, device, 0, 0), x_train[:32]).measurements
+    damage(measurements)
+    with pytest.raises(CalibrationError, match=message) as error:
+        calibrator.calibrate_measured(measurements, "chip.npz")
+    assert "\n" not in str(error.value) and str(error.value).startswith("chip.npz: ")
+
+
+def test_an_unreadable_measurement_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "chip.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(CalibrationError, match="not a readable .npz"):
+        load_measurements(bad)
+
+
+@pytest.mark.parametrize("spec", ["lognormal:sigma=0.5+read:eta=0.02", "lognormal:sigma=0.5+stuck:p_off=0.01,p_on=0.01"])
+def test_calibration_survives_read_noise_and_stuck_cells(digits, spec):
+    model, x_train, x_test, y_test = digits
+    device = parse_device(spec)
+    compiled = slotted(model, device, x_train[:500])
+    raw, calibrated = CalibratedEvaluator(compiled, device, x_train[:256]).evaluate(x_test, y_test, 6, 0, progress=False)
+    assert all(np.isfinite(calibrated.chip_accuracies))
+    # seeded: 6 chips of digits at sigma 0.5 lose about 20 points; calibration must win most of them back
+    assert calibrated.mean > raw.mean + 0.05 and calibrated.worst > raw.worst
+
+
+def test_ranks_truncate_to_the_strongest_directions_and_cost_what_they_say(digits):
+    model, x_train, _, _ = digits
+    compiled = slotted(model, parse_device("lognormal:sigma=0.5"), x_train[:500])
+    smaller = with_ranks(compiled, {"conv1": 1, "fc1": 0})
+    by_name = {c.layer: c for c in candidates(smaller)}
+    assert by_name["conv1"].rank == 1 and by_name["fc1"].rank == 0 and by_name["conv2"].rank == 2
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    assert all(c.weights == slot_weights(layers[c.layer], c.rank) for c in candidates(smaller))
+    down = {t.name: numpy_helper.to_array(t) for t in compiled.graph.initializer}["conv1.compensation_down"]
+    kept = {t.name: numpy_helper.to_array(t) for t in smaller.graph.initializer}["conv1.compensation_down"]
+    np.testing.assert_array_equal(kept, down[:1])
+    with pytest.raises(CalibrationError, match="rank 9"):
+        with_ranks(compiled, {"conv2": 9})
