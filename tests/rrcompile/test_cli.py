@@ -102,3 +102,12 @@ def test_zero_tile_is_refused(tmp_path, capsys, command):
     assert main([command, str(DIGITS_MODEL), "--tile", "0", *extra]) == 2
     assert "argument --tile: '0'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked_for(capsys):
+    argv = ["evaluate", str(DIGITS_MODEL), "--samples", "2", "--limit", "50"]
+    assert main(argv) == 0  # stderr captured, so not a terminal
+    quiet = capsys.readouterr()
+    assert "\r" not in quiet.err + quiet.out and "chips: mean" in quiet.out
+    assert main([*argv, "--verbose"]) == 0
+    assert "\r" in capsys.readouterr().err
