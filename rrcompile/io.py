@@ -134,10 +134,6 @@ class OutputPlan:
             self._handed_out.append(label)
         return self._staged[label]
 
-    def target(self, label: str) -> Path:
-        """The path the user gave for ``label``, for messages and reports."""
-        return self._targets[label]
-
     def commit(self) -> None:
         """Put every handed-out output in place; on any failure put every target back as it was."""
         done: list[tuple[Path, Path | None]] = []  # (target, backup of its previous content)
