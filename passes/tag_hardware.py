@@ -5,7 +5,8 @@ Rules:
    not what a chip runs.
 2. Every node's ``doc_string`` (which onnxruntime ignores and Netron shows) becomes a tag:
    ``rrcompile: analog crossbar, RxC tiles of TxT (rows x cols ROWSxCOLS)`` for an analog layer,
-   ``rrcompile: digital (compensation)`` for a compensation node, ``rrcompile: digital`` otherwise.
+   ``rrcompile: digital (compensation)`` for a trained compensation node, ``rrcompile: digital
+   (calibrated per chip)`` for a calibration slot, ``rrcompile: digital`` otherwise.
 3. ``model.metadata_props`` gets ``rrcompile.hardware``: the :class:`HardwareReport` as JSON
    (replacing an earlier one).
 """
@@ -24,10 +25,12 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class TagHardwarePass(Pass):
-    def __init__(self, tile: int = 128):
+    def __init__(self, tile: int = 128, *, calibration_images: int | None = None,
+                 calibration_seconds: float | None = None):
         if tile < 1:
             raise ValueError(f"tile must be >= 1, got {tile}")
         self.tile = tile
+        self.calibration = {"calibration_images": calibration_images, "calibration_seconds": calibration_seconds}
 
     def requires(self, model: onnx.ModelProto) -> None:
         if any(n.domain == RRCOMPILE_DOMAIN and n.op_type in BY_OP_TYPE for n in model.graph.node):
@@ -43,9 +46,10 @@ class TagHardwarePass(Pass):
                 node.doc_string = (f"rrcompile: analog crossbar, {grid} tiles of {self.tile}x{self.tile} "
                                    f"(rows x cols {layer.rows}x{layer.cols})")
             elif node.domain == RRCOMPILE_DOMAIN and node.op_type in COMPENSATIONS:
-                node.doc_string = "rrcompile: digital (compensation)"
+                calibrated = COMPENSATIONS[node.op_type].calibrated
+                node.doc_string = f"rrcompile: digital ({'calibrated per chip' if calibrated else 'compensation'})"
             else:
                 node.doc_string = "rrcompile: digital"
         keep_where(model.metadata_props, lambda p: p.key != METADATA_KEY)
-        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(HardwareReport.of(model, self.tile).to_dict()))
+        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(HardwareReport.of(model, self.tile, **self.calibration).to_dict()))
         return PassResult(model, True)

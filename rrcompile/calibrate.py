@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from rrcompile.compensation import COMPENSATIONS, Candidate, candidates
-from rrcompile.devices import DeviceConfig, noise_inputs
+from rrcompile.devices import BY_OP_TYPE, DeviceConfig, noise_inputs
 from rrcompile.errors import DataError
 from rrcompile.evaluate import draw_chip
-from rrcompile.graph import AnalogLayer, analog_layers
+from rrcompile.graph import RRCOMPILE_DOMAIN, AnalogLayer, analog_layers
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 
@@ -178,10 +178,11 @@ def _columns(slot: Slot, y: torch.Tensor) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, y.shape[1]) if slot.is_conv else y.reshape(-1, y.shape[-1])
 
 
-def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
-          config: CalibrationConfig) -> dict[str, np.ndarray]:
-    """The slot's per-chip parameters (up, gain, offset: initializer name -> value) from one chip's
-    measured layer input ``x`` and raw output ``y``, and the ideal output for the same ``x``."""
+def solve_tensors(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
+                  config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(up, gain, offset) of ``slot`` for one chip, shaped like its initializers, from the chip's
+    layer input ``x`` and raw output ``y`` and the output ``ideal`` it should have given.
+    Differentiable in every argument, so training can calibrate in its forward pass."""
     raw, error = _columns(slot, y).double(), (_columns(slot, ideal) - _columns(slot, y)).double()
     # a rank-0 slot (gain and offset only) has no branch to run (torch has no 0-channel conv)
     features = _down(slot, x, down).double() if down.numel() else raw.new_zeros(len(raw), 0)
@@ -189,29 +190,58 @@ def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, dow
     if config.affine:
         shared = torch.cat([features, features.new_ones(len(features), 1)], dim=1)  # [M, r + 1]
         # per column j the features are [y_j, shared]: a batched (r + 2)-square system
-        gram = torch.zeros(cols, rank + 2, rank + 2, dtype=torch.float64)
-        gram[:, 1:, 1:] = shared.T @ shared
         cross = shared.T @ raw  # [r + 1, cols]
-        gram[:, 0, 1:] = cross.T
-        gram[:, 1:, 0] = cross.T
-        gram[:, 0, 0] = (raw * raw).sum(0)
+        top = torch.cat([(raw * raw).sum(0)[:, None, None], cross.T[:, None, :]], dim=2)  # [cols, 1, r + 2]
+        bottom = torch.cat([cross.T[:, :, None], (shared.T @ shared).expand(cols, rank + 1, rank + 1)], dim=2)
+        gram = torch.cat([top, bottom], dim=1)
         rhs = torch.cat([(raw * error).sum(0, keepdim=True), shared.T @ error], dim=0).T  # [cols, r + 2]
     else:
-        gram = (features.T @ features).expand(cols, rank, rank).clone()
+        gram = (features.T @ features).expand(cols, rank, rank)
         rhs = (features.T @ error).T
     diagonal = torch.diagonal(gram, dim1=1, dim2=2)
     # each feature's own energy sets its ridge: scale-free, and a dead feature (all zero) stays at 0
-    diagonal += config.ridge * diagonal + 1e-12 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-30)
-    solution = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)  # [cols, features]
-    candidate = slot.candidate
-    column_shape = tuple(y.shape[1:2]) + (1,) * (y.dim() - 2) if slot.is_conv else (cols,)
+    ridge = config.ridge * diagonal + 1e-12 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-30)
+    solution = torch.linalg.solve(gram + torch.diag_embed(ridge), rhs.unsqueeze(-1)).squeeze(-1)  # [cols, features]
+    column_shape = (cols,) + (1,) * (y.dim() - 2) if slot.is_conv else (cols,)
     if config.affine:
         gain, offset, up = 1 + solution[:, 0], solution[:, -1], solution[:, 1:-1]
     else:
-        gain, offset, up = torch.ones(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64), solution
+        gain, offset, up = solution.new_ones(cols), solution.new_zeros(cols), solution
     up = up.reshape(cols, rank, *[1] * (down.dim() - 2)) if slot.is_conv else up.T
-    return {candidate.up: up.float().numpy(), candidate.gain: gain.float().reshape(column_shape).numpy(),
-            candidate.offset: offset.float().reshape(column_shape).numpy()}
+    return up.float(), gain.float().reshape(column_shape), offset.float().reshape(column_shape)
+
+
+def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
+          config: CalibrationConfig) -> dict[str, np.ndarray]:
+    """:func:`solve_tensors` as initializer values (name -> array)."""
+    up, gain, offset = solve_tensors(slot, x, y, ideal, down, config)
+    c = slot.candidate
+    return {c.up: up.detach().numpy(), c.gain: gain.detach().numpy(), c.offset: offset.detach().numpy()}
+
+
+def calibrated_forward(module: TorchGraph, found: list[Slot], x: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:
+    """The output of a varied model's chip (one draw of ``module``'s noise) calibrated on ``x`` itself.
+
+    The clean network (the variation ops bypassed) gives every slot's target on the same batch;
+    then the chip runs and each slot is solved in closed form as it is reached. Gradients flow
+    through the solves, so training learns weights whose chips calibrate well.
+    """
+    by_node = {slot.candidate.node: slot for slot in found}
+
+    def exact(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
+        return [inputs[0]] if node.domain == RRCOMPILE_DOMAIN and node.op_type in BY_OP_TYPE else None
+
+    with torch.no_grad():  # the targets are what the chip should give, not something to train
+        target = module(x, outputs=[slot.node.input[0] for slot in found], intercept=exact)
+
+    def calibrate(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
+        slot = by_node.get(node.name)
+        if slot is None:
+            return None
+        up, gain, offset = solve_tensors(slot, inputs[1], inputs[0], target[node.input[0]], inputs[2], config)
+        return OPS[op_key(node)]([*inputs[:3], up, inputs[4], gain, offset], attrs)
+
+    return module(x, intercept=calibrate)
 
 
 @dataclasses.dataclass

@@ -5,22 +5,34 @@
 ``deploy`` strips the simulation (variation ops, noise inputs; compensation gates become constants)
 and tags every node: analog layers with their crossbar tiles, compensation and everything else as
 digital. The :class:`HardwareReport` is also stored in the model's metadata as JSON
-(``rrcompile.hardware``), so the file carries its own cost.
+(``rrcompile.hardware``), so the file carries its own cost, including what calibrating each chip
+takes (its slots' per-chip weights, the images, the seconds); the device the model was compiled
+for goes in ``rrcompile.device``, so ``rrcompile calibrate`` simulates that device by default.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import ClassVar
 
 import onnx
 
 from rrcompile.compensation import candidates
-from rrcompile.graph import analog_layers
+from rrcompile.devices import DeviceConfig
+from rrcompile.graph import analog_layers, keep_where
 from rrcompile.pass_manager import PassManager
 from rrcompile.passes.strip_simulation import StripSimulationPass
 
 METADATA_KEY = "rrcompile.hardware"
+DEVICE_KEY = "rrcompile.device"
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSlot:
+    layer: str
+    rank: int
+    per_chip_weights: int  # up, gain and offset: solved again for every chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +55,26 @@ class HardwareReport:
     layers: tuple[LayerHardware, ...]
     digital_weights: int  # compensation weights, on reliable digital logic
     tile: int  # crossbar tiles are tile x tile cells
+    calibration_slots: tuple[CalibrationSlot, ...] = ()
+    calibration_images: int | None = None  # per chip, when known (compile records it)
+    calibration_seconds: float | None = None  # per chip on the compiling machine, when measured
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, tile: int = 128) -> "HardwareReport":
+    def of(cls, model: onnx.ModelProto, tile: int = 128, *, calibration_images: int | None = None,
+           calibration_seconds: float | None = None) -> "HardwareReport":
         layers = tuple(
             LayerHardware(layer.node, layer.op, layer.weight_shape, layer.params, layer.rows, layer.cols, layer.tiles(tile))
             for layer in analog_layers(model)
         )
-        return cls(layers, sum(c.weights for c in candidates(model)), tile)
+        sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+        slots = tuple(CalibrationSlot(c.layer, c.rank, sizes[c.up] + sizes[c.gain] + sizes[c.offset])
+                      for c in candidates(model) if c.calibrated)
+        return cls(layers, sum(c.weights for c in candidates(model)), tile, slots,
+                   calibration_images if slots else None, calibration_seconds if slots else None)
+
+    @property
+    def per_chip_weights(self) -> int:
+        return sum(slot.per_chip_weights for slot in self.calibration_slots)
 
     @property
     def analog_weights(self) -> int:
@@ -81,13 +105,42 @@ class HardwareReport:
             "digital_weights": self.digital_weights,
             "overhead_percent": self.overhead_percent,
             "total_tiles": self.total_tiles,
+            "calibration": {
+                "slots": [dataclasses.asdict(slot) for slot in self.calibration_slots],
+                "per_chip_weights": self.per_chip_weights,
+                "images": self.calibration_images,
+                "seconds_per_chip": self.calibration_seconds,
+            } if self.calibration_slots else None,
         }
 
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> dict | None:
+        """The report a deployed model carries in its metadata, as a dict (None if it carries none)."""
+        entry = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+        return json.loads(entry) if entry else None
 
-def deploy(model: onnx.ModelProto, tile: int = 128) -> tuple[onnx.ModelProto, HardwareReport]:
-    """The chip's graph of a (varied, compensated) model: StripSimulationPass then TagHardwarePass."""
+    def calibration_rows(self) -> list[list[str]]:
+        return [[slot.layer, str(slot.rank), f"{slot.per_chip_weights:,}"] for slot in self.calibration_slots]
+
+
+def deploy(model: onnx.ModelProto, tile: int = 128, *, device: DeviceConfig | None = None,
+           calibration_images: int | None = None, calibration_seconds: float | None = None,
+           ) -> tuple[onnx.ModelProto, HardwareReport]:
+    """The chip's graph of a (varied, compensated) model: StripSimulationPass then TagHardwarePass;
+    ``device`` (the one compiled for) and the calibration facts go into the metadata."""
     # imported here: TagHardwarePass builds its metadata from this module's HardwareReport
     from rrcompile.passes.tag_hardware import TagHardwarePass
 
-    deployed = PassManager([StripSimulationPass(), TagHardwarePass(tile)])(model).model
-    return deployed, HardwareReport.of(deployed, tile)
+    deployed = PassManager([StripSimulationPass(), TagHardwarePass(tile, calibration_images=calibration_images,
+                                                                   calibration_seconds=calibration_seconds)])(model).model
+    if device is not None:
+        keep_where(deployed.metadata_props, lambda p: p.key != DEVICE_KEY)
+        deployed.metadata_props.add(key=DEVICE_KEY, value=json.dumps(device.to_dict()))
+    return deployed, HardwareReport.of(deployed, tile, calibration_images=calibration_images,
+                                       calibration_seconds=calibration_seconds)
+
+
+def compiled_device(model: onnx.ModelProto) -> DeviceConfig | None:
+    """The device a deployed model was compiled for (its ``rrcompile.device`` metadata), if recorded."""
+    entry = next((p.value for p in model.metadata_props if p.key == DEVICE_KEY), None)
+    return None if entry is None else DeviceConfig.from_dict(json.loads(entry), DEVICE_KEY)

@@ -399,6 +399,22 @@ class DeviceConfig:
 
         return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()}, self.source)
 
+    def to_dict(self) -> dict:
+        """The config as a device file's content (``default`` and ``layers`` spec strings)."""
+        return {"default": "+".join(m.spec() for m in self.default) or "none",
+                "layers": {k: "+".join(m.spec() for m in v) or "none" for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, content: Any, where: str, source: str | None = None) -> "DeviceConfig":
+        """A config from a device file's content (see :func:`parse_device`); ``where`` names it in errors."""
+        if not isinstance(content, Mapping) or not set(content) <= {"default", "layers"}:
+            raise DeviceSpecError(f"{where}: a device file is a mapping with keys 'default' and 'layers'")
+        layers = content.get("layers") or {}
+        if not isinstance(layers, Mapping):
+            raise DeviceSpecError(f"{where}: 'layers' must map layer names to device entries")
+        return cls(_models_from_value(content.get("default"), f"{where}: default"),
+                   {str(k): _models_from_value(v, f"{where}: layers.{k}") for k, v in layers.items()}, source=source)
+
     def describe(self) -> str:
         parts = ["+".join(m.spec() for m in self.default) or "none"] if self.default or not self.layers else []
         parts += [f"{k}: {'+'.join(m.spec() for m in v) or 'none'}" for k, v in self.layers.items()]
@@ -430,19 +446,10 @@ def parse_device(spec: str) -> DeviceConfig:
                 content = yaml.safe_load(text)
         except Exception as exc:
             raise DeviceSpecError(f"{spec}: unreadable device file ({str(exc).splitlines()[0]})") from None
-        if not isinstance(content, Mapping) or not set(content) <= {"default", "layers"}:
-            raise DeviceSpecError(f"{spec}: a device file is a mapping with keys 'default' and 'layers'")
-        layers = content.get("layers") or {}
-        if not isinstance(layers, Mapping):
-            raise DeviceSpecError(f"{spec}: 'layers' must map layer names to device entries")
         try:
-            return DeviceConfig(
-                _models_from_value(content.get("default"), f"{spec}: default"),
-                {str(k): _models_from_value(v, f"{spec}: layers.{k}") for k, v in layers.items()},
-                source=spec,
-            )
+            return DeviceConfig.from_dict(content, spec, source=spec)
         except DeviceSpecError as exc:
-            raise DeviceSpecError(f"{spec}: {exc}") from None
+            raise exc if str(exc).startswith(f"{spec}: ") else DeviceSpecError(f"{spec}: {exc}") from None
     return DeviceConfig(parse_models(spec))
 
 

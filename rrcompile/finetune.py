@@ -7,7 +7,11 @@ Two remedies for weight variation share this loop:
 - Noise injection (hardware-aware training as aihwkit users do it, the baseline): every forward
   pass runs on a freshly drawn chip of the given device, so the weights learn to tolerate it.
 
-Both may be combined. The model is trained on its logits: a Softmax or LogSoftmax head is left out
+Both may be combined. Noise injection can also train *for calibration* (``calibration`` set, on a
+model with calibration slots): every mini-batch's chip is calibrated on that batch in the forward
+pass (``rrcompile.calibrate.calibrated_forward``), so the weights learn to tolerate the error that
+per-chip calibration leaves, not the raw one, and the epoch is chosen on calibrated validation
+chips. The model is trained on its logits: a Softmax or LogSoftmax head is left out
 of the training graph (a loss on probabilities saturates) but kept in the written model. The
 validation split selects the epoch to keep: the best validation accuracy under
 ``validation_device`` (the mean over a fixed set of chips, through onnxruntime, so every epoch
@@ -25,7 +29,9 @@ import torch
 from onnx import helper
 from tqdm import tqdm
 
+from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, calibrated_forward, slots
 from rrcompile.devices import DeviceConfig
+from rrcompile.graph import analog_layers
 from rrcompile.evaluate import MonteCarloEvaluator, accuracy
 from rrcompile.lipschitz import LipschitzPenalty, SpectralReport
 from rrcompile.passes.insert_variation import InsertVariationPass
@@ -47,6 +53,8 @@ class FinetuneConfig:
     validation_device: DeviceConfig | None = None
     validation_chips: int = 4
     clean_tolerance: float = 0.005
+    calibration: CalibrationConfig | None = None  # train for calibration (with noise_injection)
+    calibration_images: int = 256  # per validation chip
 
 
 @dataclasses.dataclass
@@ -101,7 +109,13 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
     training = logits_model(model)
     if config.noise_injection is not None:
         training = InsertVariationPass(config.noise_injection)(training).model
-    module = TorchGraph(training).to(device)
+    calibrating = slots(training) if config.calibration is not None else []
+    if config.calibration is not None and (not calibrating or config.noise_injection is None):
+        raise ValueError("training for calibration needs calibration slots in the model and a noise-injection device")
+    # calibrated training learns the analog layers only: the slots' parameters are solved, not learned
+    trainable = [name for layer in analog_layers(training) for name in (layer.weight, layer.bias) if name] \
+        if calibrating else None
+    module = TorchGraph(training, trainable).to(device)
     module.seed(config.seed)
     optimizer = torch.optim.Adam([p for _, p in module.named_onnx_parameters()], lr=config.lr)
     spectral_before = SpectralReport.of(_layer_weights(module))
@@ -110,8 +124,13 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
         current = write_back(module, model)
         if config.validation_device is None:
             return EpochLog(epoch, loss, penalty, accuracy(current, x_val, y_val), None)
-        evaluator = MonteCarloEvaluator(current, config.validation_device)
-        stats = evaluator.evaluate(x_val, y_val, config.validation_chips, config.seed, progress=False)
+        if calibrating:
+            _, stats = CalibratedEvaluator(current, config.validation_device, x_train[:config.calibration_images],
+                                           config.calibration).evaluate(x_val, y_val, config.validation_chips,
+                                                                        config.seed, progress=False)
+        else:
+            evaluator = MonteCarloEvaluator(current, config.validation_device)
+            stats = evaluator.evaluate(x_val, y_val, config.validation_chips, config.seed, progress=False)
         return EpochLog(epoch, loss, penalty, stats.clean_accuracy, stats.mean)
 
     history = [validate(0, None, None)]
@@ -129,7 +148,8 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
             index = order[start:start + config.batch_size]
             xb = torch.from_numpy(x_train[index]).to(device)
             yb = torch.from_numpy(y_train[index]).to(device)
-            loss = torch.nn.functional.cross_entropy(module(xb).reshape(len(index), -1), yb)
+            logits = calibrated_forward(module, calibrating, xb, config.calibration) if calibrating else module(xb)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(len(index), -1), yb)
             total = loss
             if config.lipschitz is not None:
                 penalty = config.lipschitz(_layer_weights(module))

@@ -2,11 +2,11 @@
 
     model = canonicalize(model)                     # one opset, symbolic batch, fused biases, folded BN
     model = finetune(model, Lipschitz penalty)      # error suppression on sampled chips (rrcompile.finetune)
-  calibrated compensation (the default):
+  calibrated compensation (the default), where the fine-tune above waits until the ranks are known:
     model = InsertCompensationCandidatesPass(calibrated)  # a calibration slot per analog layer, largest rank
     model = fit_projections(model, device, x)       # compile-time half: error-weighted principal directions
     ranks = reinforce(CalibrationEnv(...))          # RL picks each slot's rank, scoring calibrated chips
-    model = with_ranks(model, ranks)
+    model = finetune(with_ranks(model, ranks), calibrated on every mini-batch's chip)
   trained compensation (the paper's, ``calibration=False``):
     model = InsertCompensationCandidatesPass(...)   # a gated low-rank digital branch per analog layer
     model = train_compensation(model, device)       # analog weights frozen, a new chip per mini-batch
@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from rrcompile.calibrate import CalibrationConfig, fit_projections, slot_weights, with_ranks
+from rrcompile.calibrate import CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, with_ranks
 from rrcompile.compensate import CompensationConfig, train_compensation
 from rrcompile.deploy import HardwareReport, deploy
 from rrcompile.devices import DeviceConfig
@@ -38,7 +38,7 @@ from rrcompile.passes.canonicalize import CanonicalizePass
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.select_compensation import SelectCompensationPass
-from rrcompile.rl.environment import RANK_LEVELS, CalibrationEnv, CompensationEnv
+from rrcompile.rl.environment import RANK_LEVELS, VALIDATION_CHIPS_FROM, CalibrationEnv, CompensationEnv
 from rrcompile.rl.reinforce import SearchResult, fixed, greedy_by_sensitivity, reinforce
 
 
@@ -60,6 +60,9 @@ class CompileOptions:
     rl: bool = True  # and RL (False keeps every candidate)
     calibration: bool = True  # calibratable compensation, solved per chip (False: trained, the paper's)
     calibration_images: int = 256  # unlabeled images each chip is calibrated on
+    # fine-tune after the ranks are chosen, each mini-batch's chip calibrated in the forward pass
+    # (else the fine-tune comes first, on raw chips)
+    train_for_calibration: bool = True
     calibration_config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     beta: float = 0.01
@@ -98,6 +101,15 @@ def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
             for layer in layers}
 
 
+def _seconds_to_calibrate(model: onnx.ModelProto, options: CompileOptions, x_calibration: np.ndarray) -> float:
+    """Wall seconds to measure and solve one chip (a validation chip) on this machine."""
+    calibrator = Calibrator(model, options.calibration_config)
+    chip = SimulatedChip(model, options.device, options.seed, VALIDATION_CHIPS_FROM)
+    started = time.perf_counter()
+    calibrator.calibrate(chip, x_calibration)
+    return time.perf_counter() - started
+
+
 def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: CompileOptions, *,
             progress: bool = True, log: Callable[[str], None] = print) -> CompileResult:
     """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``."""
@@ -112,13 +124,18 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         return result
 
     model = stage("canonicalize", lambda: canonicalize(model))
-    if options.lipschitz or options.noise_injection:
-        config = dataclasses.replace(options.finetune, seed=options.seed, validation_device=options.device,
-                                     lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form) if options.lipschitz else None,
-                                     noise_injection=options.device if options.noise_injection else None)
+    calibrating = options.compensation and options.calibration
+    fine_tune = options.lipschitz or options.noise_injection
+    config = dataclasses.replace(
+        options.finetune, seed=options.seed, validation_device=options.device,
+        lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form) if options.lipschitz else None,
+        noise_injection=options.device if options.noise_injection else None,
+        calibration=options.calibration_config if calibrating and options.noise_injection and options.train_for_calibration
+        else None, calibration_images=options.calibration_images)
+    if fine_tune and config.calibration is None:
         model = stage("fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
     selection, kept, ranks, x_calibration = {}, [], {}, None
-    if options.compensation and options.calibration:
+    if calibrating:
         x_train, _, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
         x_calibration = x_train[:options.calibration_images]
         model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
@@ -135,6 +152,9 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         ranks = env.rank_config(choice.keep)
         kept = [layer for layer, rank in ranks.items() if rank]
         model = with_ranks(model, ranks)
+        if fine_tune and config.calibration is not None:
+            model = stage("fine-tune for calibration", lambda: finetune(model, x, y, config, progress=progress).model)
+        calibration_seconds = _seconds_to_calibrate(model, options, x_calibration)
     elif options.compensation:
         x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
         # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
@@ -156,5 +176,7 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         final = dataclasses.replace(train, epochs=options.final_epochs)
         model = stage("final training", lambda: train_compensation(
             SelectCompensationPass(kept)(model).model, options.device, x_train, y_train, final, progress=progress)[0])
-    deployed, hardware = stage("deploy", lambda: deploy(model, options.tile))
+    deployed, hardware = stage("deploy", lambda: deploy(
+        model, options.tile, device=options.device, calibration_images=len(x_calibration) if calibrating else None,
+        calibration_seconds=calibration_seconds if calibrating else None))
     return CompileResult(model, deployed, hardware, seconds, selection, kept, ranks, x_calibration)

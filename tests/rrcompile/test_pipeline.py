@@ -12,6 +12,7 @@ from rrcompile.cli import main
 from rrcompile.compensate import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import load_data
+from rrcompile.deploy import HardwareReport, compiled_device
 from rrcompile.devices import BY_OP_TYPE, parse_device
 from rrcompile.finetune import FinetuneConfig
 from rrcompile.graph import RRCOMPILE_DOMAIN
@@ -34,8 +35,8 @@ def digits():
 def test_compile_calibrates_by_default_within_the_budget(digits):
     model, x, y = digits
     result = compile(model, x, y, small(), progress=False, log=lambda _: None)
-    assert list(result.seconds) == ["canonicalize", "fine-tune", "insert calibration slots", "fit projections",
-                                    "profile layers", "RL selection", "deploy"]
+    assert list(result.seconds) == ["canonicalize", "insert calibration slots", "fit projections", "profile layers",
+                                    "RL selection", "fine-tune for calibration", "deploy"]
     assert set(result.selection) == {"none", "greedy", "rl"}
     assert result.selection["rl"].reward >= result.selection["none"].reward
     assert set(result.ranks) == {"conv1", "conv2", "fc1", "fc2"} and result.hardware.overhead_percent <= 3.0
@@ -43,6 +44,10 @@ def test_compile_calibrates_by_default_within_the_budget(digits):
     onnx.checker.check_model(result.deployed, full_check=True)
     # uncalibrated, the slots change nothing: the deployed graph computes the fine-tuned network
     np.testing.assert_allclose(run(result.deployed, x[:20]), run(result.model, x[:20]), atol=1e-5, rtol=1e-5)
+    hardware = HardwareReport.from_model(result.deployed)
+    assert hardware["calibration"]["images"] == 256 and hardware["calibration"]["seconds_per_chip"] > 0
+    assert [slot["layer"] for slot in hardware["calibration"]["slots"]] == ["conv1", "conv2", "fc1", "fc2"]
+    assert compiled_device(result.deployed) == DEVICE
 
 
 def test_compile_with_trained_compensation_runs_the_papers_stages(digits):
