@@ -457,6 +457,17 @@ class CalibratedEvaluator:
         return ChipStats(clean, raw), ChipStats(clean, calibrated)
 
 
+def calibrated_sigma_sweep(model: onnx.ModelProto, device: DeviceConfig, sigmas, x_calibration: np.ndarray,
+                           x: np.ndarray, y: np.ndarray, samples: int, seed: int, *,
+                           config: CalibrationConfig = CalibrationConfig(), progress: bool = True):
+    """(uncalibrated, calibrated): ChipStats per log-normal sigma over the same chips."""
+    raw, calibrated = {}, {}
+    for sigma in sigmas:
+        evaluator = CalibratedEvaluator(model, device.with_sigma(sigma), x_calibration, config)
+        raw[sigma], calibrated[sigma] = evaluator.evaluate(x, y, samples, seed, progress=progress, desc=f"sigma={sigma:g}")
+    return raw, calibrated
+
+
 # --- compile time: the down projections --------------------------------------------------------
 
 def _input_rows(slot: Slot, x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,13 +18,17 @@ from typing import Iterator, Sequence
 import onnx
 
 from rrcompile import pipeline
+from rrcompile.calibrate import (
+    CalibratedEvaluator, CalibrationConfig, Calibrator, SimulatedChip, calibrated_sigma_sweep, load_measurements,
+    save_measurements,
+)
 from rrcompile.compensate import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
-from rrcompile.deploy import HardwareReport, deploy
+from rrcompile.deploy import HardwareReport, compiled_device, deploy
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
-from rrcompile.evaluate import MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
+from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, macs_per_sample, set_library_logging, tensor_shapes
 from rrcompile.io import load_model, outputs, save_model
@@ -32,6 +36,7 @@ from rrcompile.lipschitz import FORMS, LipschitzPenalty
 from rrcompile.passes.convert_opset import default_opset
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.strip_simulation import StripSimulationPass
+from rrcompile.rl.reinforce import SearchResult
 from rrcompile.report import format_table, percent, write_json
 
 
@@ -80,12 +85,14 @@ def parse_sweep(text: str) -> list[float]:
 
 def load_for_evaluation(path: str, device_spec: str | None) -> tuple[onnx.ModelProto, DeviceConfig]:
     """The model to evaluate and its device: a simulation graph (``compile --simulate-output``)
-    brings its own, read back from its variation ops; any other model takes ``--device``."""
+    brings its own, read back from its variation ops; any other model takes ``--device``, by
+    default the device a deployed graph was compiled for, else the default device."""
     model = load_model(path)
     embedded = simulated_device(model)
     if embedded is None:
+        recorded = compiled_device(model)  # a deployed graph: the device it was compiled for
         model = pipeline.canonicalize(model)
-        device = parse_device(device_spec or DEFAULT_DEVICE)
+        device = parse_device(device_spec) if device_spec else recorded or parse_device(DEFAULT_DEVICE)
         check_model_for_data(model)
         device.check_patterns(analog_layers(model))
         return model, device
@@ -128,6 +135,26 @@ def input_files(args: argparse.Namespace, *device_specs: str | None) -> list[str
     return files
 
 
+def stats_table(columns: dict[str, ChipStats]) -> str:
+    """The accuracy metrics, one column per set of chips (uncalibrated, calibrated, ...)."""
+    metrics = [("clean", lambda s: s.clean_accuracy), ("chips: mean", lambda s: s.mean), ("chips: std", lambda s: s.std),
+               ("chips: 5th percentile", lambda s: s.p5), ("chips: worst", lambda s: s.worst),
+               ("yield (>= 95% of clean)", lambda s: s.yield_)]
+    return format_table(["metric", *columns], [[name, *(percent(get(s)) for s in columns.values())] for name, get in metrics])
+
+
+def calibration_images(args: argparse.Namespace, count: int, preprocess: Preprocess, evaluator: MonteCarloEvaluator):
+    """The first ``count`` unlabeled training images of ``--data``, prepared for the model."""
+    train = load_data(args.data, "train").subset(count)
+    return evaluator.prepare(preprocess.apply(train.x), train.name)
+
+
+def sweep_table(results: dict[float, ChipStats]) -> str:
+    return format_table(["sigma", "mean", "std", "5th pct", "worst", "yield"], [
+        [f"{s:g}", percent(r.mean), percent(r.std), percent(r.p5), percent(r.worst), percent(r.yield_)]
+        for s, r in results.items()])
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else None
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
@@ -138,42 +165,118 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
             evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
+            calibrator = Calibrator(model) if args.calibrate else None  # refuses a model without slots
         data = load_data(args.data, args.split).subset(args.limit)
         check_labels(data, model)
         x = evaluator.prepare(preprocess.apply(data.x), data.name)
+        x_calibration = calibration_images(args, args.calibrate, preprocess, evaluator) if calibrator else None
 
         started = time.perf_counter()
-        stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=args.progress)
+        if calibrator:
+            stats, calibrated = CalibratedEvaluator(model, device, x_calibration, batch_size=args.batch_size).evaluate(
+                x, data.y, args.samples, args.seed, progress=args.progress)
+        else:
+            stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=args.progress)
         elapsed = time.perf_counter() - started
         print(f"{args.model} on {data.name} ({len(data.y)} {args.split} images), device {device.describe()}, "
-              f"{args.samples} chips, seed {args.seed}")
-        print(format_table(["metric", "accuracy"], [
-            ["clean", percent(stats.clean_accuracy)],
-            ["chips: mean", percent(stats.mean)],
-            ["chips: std", percent(stats.std)],
-            ["chips: 5th percentile", percent(stats.p5)],
-            ["chips: worst", percent(stats.worst)],
-            ["yield (>= 95% of clean)", percent(stats.yield_)],
-        ]))
-        print(f"{args.samples * len(data.y) / elapsed:,.0f} images x chips per second")
+              f"{args.samples} chips, seed {args.seed}"
+              + (f", each calibrated on {len(x_calibration)} unlabeled train images" if calibrator else ""))
+        print(stats_table({"uncalibrated": stats, "calibrated": calibrated} if calibrator else {"accuracy": stats}))
+        print(f"{args.samples * len(data.y) / elapsed:,.0f} images x chips per second"
+              + (" (calibration included, each chip evaluated twice)" if calibrator else ""))
         report = {
             "model": str(args.model), "data": data.name, "split": args.split, "images": len(data.y),
             "preprocess": {"scale": preprocess.scale, "mean": list(preprocess.mean), "std": list(preprocess.std)},
             "device": device.describe(), "samples": args.samples, "seed": args.seed, "batch_size": args.batch_size,
             **stats.summary(), "chip_accuracies": stats.chip_accuracies,
         }
+        if calibrator:
+            report["calibrated"] = {**calibrated.summary(), "chip_accuracies": calibrated.chip_accuracies,
+                                    "calibration_images": len(x_calibration)}
 
         if sweep:
-            results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
-                                  batch_size=args.batch_size, progress=args.progress)
-            print("\naccuracy vs log-normal sigma")
-            print(format_table(["sigma", "mean", "std", "5th pct", "worst", "yield"], [
-                [f"{s:g}", percent(r.mean), percent(r.std), percent(r.p5), percent(r.worst), percent(r.yield_)]
-                for s, r in results.items()
-            ]))
+            if calibrator:
+                results, calibrated_results = calibrated_sigma_sweep(model, device, sweep, x_calibration, x, data.y,
+                                                                     args.samples, args.seed, progress=args.progress)
+            else:
+                results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
+                                      batch_size=args.batch_size, progress=args.progress)
+            print("\naccuracy vs log-normal sigma" + (", uncalibrated" if calibrator else ""))
+            print(sweep_table(results))
             report["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in results.items()]
-            plot_sigma_sweep({Path(args.model).stem: results}, out["--plot"], f"{Path(args.model).name} on {data.name}")
+            curves = {Path(args.model).stem: results}
+            if calibrator:
+                print("\naccuracy vs log-normal sigma, calibrated")
+                print(sweep_table(calibrated_results))
+                report["calibrated"]["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in calibrated_results.items()]
+                curves[f"{Path(args.model).stem} + calibrated"] = calibrated_results
+            plot_sigma_sweep(curves, out["--plot"], f"{Path(args.model).name} on {data.name}")
             print(f"plot: {plot_path}")
+        if args.json:
+            write_json(report, out["--json"])
+            print(f"report: {args.json}")
+    return 0
+
+
+def parse_chip(text: str) -> tuple[int, int]:
+    """``SEED:INDEX``: chip ``INDEX`` of the Monte Carlo run ``SEED``."""
+    seed, colon, index = text.partition(":")
+    if not colon or not seed.strip().isdigit() or not index.strip().isdigit():
+        raise OptionError(f"--chip {text!r}: expected SEED:INDEX, two integers >= 0 (e.g. 0:3)")
+    return int(seed), int(index)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    chip_id = parse_chip(args.chip) if args.chip else None
+    if args.dump_measurements and chip_id is None:
+        raise OptionError("--dump-measurements records a simulated chip: give --chip")
+    if args.device is not None:
+        parse_device(args.device)
+    preprocess = Preprocess.parse(args.scale, args.mean, args.std)
+    planned = {"-o": args.output, "--json": args.json, "--dump-measurements": args.dump_measurements}
+    with outputs([*input_files(args, args.device), args.measured], planned) as out:
+        with about(args.model):
+            model, device = load_for_evaluation(args.model, args.device)
+            calibrator = Calibrator(model)
+            evaluator = MonteCarloEvaluator(model, device)
+        if chip_id is not None:
+            x_calibration = calibration_images(args, args.images, preprocess, evaluator)
+            chip = SimulatedChip(model, device, *chip_id, varied=evaluator.varied_model)
+            started = time.perf_counter()
+            calibration = calibrator.calibrate(chip, x_calibration)
+            source = f"chip {chip_id[1]} of seed {chip_id[0]}, simulated ({device.describe()}), " \
+                     f"on {len(x_calibration)} unlabeled train images"
+        else:
+            with about(args.measured):
+                measurements = load_measurements(args.measured)
+                started = time.perf_counter()
+                calibration = calibrator.calibrate_measured(measurements, str(args.measured))
+            source = f"measurements {args.measured} ({len(calibration.measurements['images'])} images)"
+        seconds = time.perf_counter() - started
+        chip_graph = calibration.apply(model)
+        print(f"{args.model}: calibrated {len(calibrator.slots)} slots for {source} in {seconds:.2f} s")
+        print(format_table(["layer", "rank", "per-chip weights"], [
+            [slot.layer.node, str(slot.candidate.rank),
+             f"{sum(calibration.values[n].size for n in (slot.candidate.up, slot.candidate.gain, slot.candidate.offset)):,}"]
+            for slot in calibrator.slots], "lrr"))
+        report = {"model": str(args.model), "output": str(args.output), "source": source, "seconds": seconds,
+                  "device": device.describe(), "slots": {s.layer.node: s.candidate.rank for s in calibrator.slots}}
+        if chip_id is not None:
+            test = load_data(args.data, "test").subset(args.test_limit)
+            check_labels(test, model)
+            x_test = evaluator.prepare(preprocess.apply(test.x), test.name)
+            before = evaluator.chip_accuracy(x_test, test.y, *chip_id)
+            after = evaluator.chip_accuracy(x_test, test.y, *chip_id, calibration.values)
+            clean = evaluator.clean_accuracy(x_test, test.y)
+            print(format_table(["chip", "accuracy"], [["clean (no variation)", percent(clean)],
+                                                      ["uncalibrated", percent(before)], ["calibrated", percent(after)]]))
+            print(f"(on {len(test.y)} {test.name} test images)")
+            report.update(clean_accuracy=clean, uncalibrated=before, calibrated=after, test_images=len(test.y))
+        save_model(chip_graph, out["-o"])
+        print(f"chip graph: {args.output}")
+        if args.dump_measurements:
+            save_measurements(calibration.measurements, out["--dump-measurements"])
+            print(f"measurements: {args.dump_measurements}")
         if args.json:
             write_json(report, out["--json"])
             print(f"report: {args.json}")
@@ -300,7 +403,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         lipschitz_form=args.lipschitz_form, budget=args.budget,
         train=CompensationConfig(epochs=args.compensation_epochs, batch_size=args.batch_size),
         final_epochs=args.final_epochs, episodes=args.episodes, overhead_weight=args.overhead_weight,
-        rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed)
+        rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed,
+        calibration=not args.trained_compensation, calibration_images=args.calibration_images)
+    calibrating = options.compensation and options.calibration
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     out_path = Path(args.output)
     report_path, plot_path = out_path.with_suffix(".report.json"), out_path.with_suffix(".sigma.png")
@@ -325,11 +430,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
         log("[*] Monte Carlo evaluation on the test set ...")
         evaluated = time.perf_counter()
         before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=args.progress)
-        after = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples, args.seed, progress=args.progress)
+        if calibrating:
+            after, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration).evaluate(
+                x_test, test.y, args.samples, args.seed, progress=args.progress)
+        else:
+            after = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples, args.seed,
+                                                                       progress=args.progress)
+        rows = {"original": before, "compiled": after, **({"compiled + calibrated": calibrated} if calibrating else {})}
         curves = {}
         if sweep:
-            curves = {label: sigma_sweep(m, device, sweep, x_test, test.y, args.sweep_samples, args.seed, progress=args.progress)
-                      for label, m in (("original", original), ("compiled", result.model))}
+            curves["original"] = sigma_sweep(original, device, sweep, x_test, test.y, args.sweep_samples, args.seed,
+                                             progress=args.progress)
+            if calibrating:
+                curves["compiled"], curves["compiled + calibrated"] = calibrated_sigma_sweep(
+                    result.model, device, sweep, result.x_calibration, x_test, test.y, args.sweep_samples, args.seed,
+                    progress=args.progress)
+            else:
+                curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, test.y, args.sweep_samples,
+                                                 args.seed, progress=args.progress)
         result.seconds["evaluate"] = time.perf_counter() - evaluated
         total = time.perf_counter() - started
 
@@ -338,15 +456,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"seed {args.seed}, {total:.0f} s")
         print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
             [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
-            for label, s in (("original", before), ("compiled", after))
+            for label, s in rows.items()
         ]))
-        print(f"compensation: {', '.join(result.kept) or 'none'} kept; {hardware.digital_weights:,} digital weights over "
-              f"{hardware.analog_weights:,} analog ({hardware.overhead_percent:.2f}%), "
-              f"{sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
+        if calibrating:
+            print(f"calibration slots (rank): {', '.join(f'{layer} ({rank})' for layer, rank in result.ranks.items())}; "
+                  f"each chip calibrated on {len(result.x_calibration)} unlabeled train images, "
+                  f"{hardware.calibration_seconds:.2f} s a chip here")
+        else:
+            print(f"compensation: {', '.join(result.kept) or 'none'} kept")
+        print(f"{hardware.digital_weights:,} digital weights over {hardware.analog_weights:,} analog "
+              f"({hardware.overhead_percent:.2f}%), {sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
         if result.selection:
-            print("\nselection on the validation chips (reward = accuracy - overhead_weight x overhead)")
-            print(format_table(["strategy", "kept", "val accuracy", "overhead", "reward"], [
-                [name, ", ".join(r.kept_layers) or "-", percent(r.accuracy), percent(r.overhead),
+            scored = "calibrated validation chips, before fine-tuning" if calibrating else "validation chips"
+            print(f"\nselection on the {scored} (reward = accuracy - overhead_weight x overhead)")
+            print(format_table(["strategy", "ranks" if calibrating else "kept", "val accuracy", "overhead", "reward"], [
+                [name, _choice(r, calibrating), percent(r.accuracy), percent(r.overhead),
                  f"{r.reward:.4f}" if r.overhead <= args.budget else "over budget"]
                 for name, r in result.selection.items()
             ], "llrrr"))
@@ -357,19 +481,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.simulate_output:
             save_model(InsertVariationPass(device)(result.model).model, out["--simulate-output"])
         if curves:
-            plot_sigma_sweep(curves, out["plot"], f"{Path(args.model).name}: original vs compiled")
+            plot_sigma_sweep(curves, out["plot"], f"{Path(args.model).name}: {' vs '.join(curves)}")
         write_json({
             "model": str(args.model), "output": str(out_path), "data": train.name, "device": device.describe(), "seed": args.seed,
             "options": _options(args),
             "before": before.summary(), "after": after.summary(), "kept": result.kept,
+            **({"calibrated": calibrated.summary(), "ranks": result.ranks,
+                "calibration_images": len(result.x_calibration)} if calibrating else {}),
             "hardware": hardware.to_dict(), "seconds": result.seconds, "total_seconds": total,
-            "selection": {name: {"kept": r.kept_layers, "accuracy": r.accuracy, "overhead": r.overhead, "reward": r.reward,
+            "selection": {name: {"kept": r.kept_layers, "values": dict(zip(r.layers, r.values)), "accuracy": r.accuracy, "overhead": r.overhead, "reward": r.reward,
                                  "rewards_per_episode": r.rewards} for name, r in result.selection.items()},
             "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in curves.items()},
         }, out["report"])
         print(f"\nmodel: {out_path}\nreport: {report_path}" + (f"\nplot: {plot_path}" if curves else "")
               + (f"\nsimulation graph: {args.simulate_output}" if args.simulate_output else ""))
     return 0
+
+
+def _choice(result: SearchResult, calibrating: bool) -> str:
+    """A selection's choice: each slot's rank, or the layers whose candidate is kept."""
+    return "/".join(map(str, result.values)) if calibrating else ", ".join(result.kept_layers) or "-"
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -380,10 +511,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 model = pipeline.canonicalize(model)
             if not analog_layers(model):
                 raise UnsupportedModelError(NO_ANALOG_LAYER)
-            deployed, hardware = deploy(model, args.tile)
+            # a model deployed before keeps what its compile recorded: the device, the calibration facts
+            recorded = (HardwareReport.from_model(model) or {}).get("calibration") or {}
+            deployed, hardware = deploy(model, args.tile, device=compiled_device(model),
+                                        calibration_images=recorded.get("images"),
+                                        calibration_seconds=recorded.get("seconds_per_chip"))
         print(f"{args.model}: {len(hardware.layers)} analog layers on {hardware.total_tiles} crossbar tiles of "
               f"{args.tile}x{args.tile}; {hardware.digital_weights:,} digital weights ({hardware.overhead_percent:.2f}% overhead)")
         print(format_table(list(HardwareReport.HEADERS), hardware.rows(), "llrrrr"))
+        if hardware.calibration_slots:
+            images = f"{hardware.calibration_images} calibration images" if hardware.calibration_images else "calibration images unknown"
+            seconds = f"{hardware.calibration_seconds:.2f} s" if hardware.calibration_seconds is not None else "? s"
+            print(f"\ncalibrated per chip: {hardware.per_chip_weights:,} digital weights, {images}, {seconds} a chip "
+                  f"(measured at compile)")
+            print(format_table(["slot", "rank", "per-chip weights"], hardware.calibration_rows(), "lrr"))
         save_model(deployed, out["-o"])
         if args.json:
             write_json(hardware.to_dict(), out["--json"])
@@ -446,9 +587,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sigma-sweep", help=f"also sweep log-normal sigma, e.g. 0,0.1,...,0.8 (at most {MAX_SWEEP_POINTS} "
                                           f"points), and plot it")
     ev.add_argument("--plot", help="PNG path for --sigma-sweep (default: MODEL.sigma.png)")
+    ev.add_argument("--calibrate", type=positive_int, metavar="N",
+                    help="calibrate every chip on the first N unlabeled train images and report both (a compiled model)")
     ev.add_argument("--json", help="write the report as JSON")
     _add_verbosity(ev)
     ev.set_defaults(run=cmd_evaluate)
+
+    ca = sub.add_parser("calibrate", help="calibrate one programmed chip of a compiled model: its own hardware-ready graph")
+    ca.add_argument("model", help="deployed ONNX model from rrcompile compile")
+    ca.add_argument("--data", default="digits", help="data spec: unlabeled train images calibrate, test images evaluate")
+    source = ca.add_mutually_exclusive_group(required=True)
+    source.add_argument("--chip", metavar="SEED:INDEX", help="a simulated chip: chip INDEX of Monte Carlo run SEED")
+    source.add_argument("--measured", metavar="F.npz", help="measurements of a real chip (format in the README)")
+    ca.add_argument("--device", default=None, help="device of the simulated chip (default: the one compiled for)")
+    ca.add_argument("--images", type=positive_int, default=256, help="calibration images (simulated chip)")
+    ca.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
+    ca.add_argument("-o", "--output", required=True, help="the chip's calibrated ONNX graph")
+    ca.add_argument("--dump-measurements", metavar="F.npz", help="also write what the simulated chip measured")
+    _add_preprocess(ca)
+    ca.add_argument("--json", help="write the report as JSON")
+    _add_verbosity(ca)
+    ca.set_defaults(run=cmd_calibrate)
 
     ft = sub.add_parser("finetune", help="fine-tune with Lipschitz regularization and/or noise injection")
     ft.add_argument("model", help="ONNX classifier")
@@ -483,7 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-noise-injection", action="store_true",
                     help="fine-tune on exact weights, not on sampled chips (with --no-lipschitz: no fine-tuning)")
     co.add_argument("--no-compensation", action="store_true", help="skip compensation (and RL)")
-    co.add_argument("--no-rl", action="store_true", help="keep every compensation candidate")
+    co.add_argument("--no-rl", action="store_true",
+                    help="no RL: ranks by sensitivity (calibration), or every candidate kept (--trained-compensation)")
+    co.add_argument("--trained-compensation", action="store_true",
+                    help="the paper's compensation, trained once for every chip, instead of calibrated per chip")
+    co.add_argument("--calibration-images", type=positive_int, default=256,
+                    help="unlabeled train images each chip is calibrated on")
     co.add_argument("--lipschitz", type=nonnegative_float, default=0.01, metavar="BETA")
     co.add_argument("--lipschitz-form", default="spectral", help="spectral or orthogonal")
     co.add_argument("--epochs", type=positive_int, default=5, help="Lipschitz fine-tuning epochs")

@@ -137,7 +137,8 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
     selection, kept, ranks, x_calibration = {}, [], {}, None
     if calibrating:
         x_train, _, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
-        x_calibration = x_train[:options.calibration_images]
+        # the first images of the training data, as `rrcompile evaluate --calibrate` and `calibrate` take them
+        x_calibration = x[:options.calibration_images]
         model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
             ranks=calibration_ranks(model, options.budget), calibrated=True, seed=options.seed)(model).model)
         model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))

@@ -85,6 +85,10 @@ class CompensationEnv:
         """How many options step ``step`` has (option 0 spends the least; costs grow with the option)."""
         return 2
 
+    def value(self, step: int, option: int) -> int:
+        """What option ``option`` of step ``step`` means: here 1 kept, 0 dropped."""
+        return option
+
     def affordable(self, step: int, keep: Sequence[int]) -> int:
         """How many of step ``step``'s options keep the overhead within the budget, given the
         choices ``keep[:step]`` and the cheapest option at every later step (at least one)."""
@@ -220,6 +224,9 @@ class CalibrationEnv(CompensationEnv):
 
     def options(self, step: int) -> int:
         return len(self.ranks[step])
+
+    def value(self, step: int, option: int) -> int:
+        return self.ranks[step][option]
 
     def rank_config(self, keep: Sequence[int]) -> dict[str, int]:
         return {c.layer: self.ranks[step][k] for step, (c, k) in enumerate(zip(self.candidates, keep))}

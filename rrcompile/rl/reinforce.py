@@ -31,6 +31,7 @@ class SearchResult:
     overhead: float
     rewards: list[float]  # per episode
     layers: tuple[str, ...]  # the candidates' layers, in that order
+    values: tuple[int, ...] = ()  # what each chosen option means (kept 0/1, or a slot's rank)
 
     @property
     def kept_layers(self) -> list[str]:
@@ -40,7 +41,7 @@ class SearchResult:
 def _result(env: CompensationEnv, keep: Sequence[int], rewards: list[float]) -> SearchResult:
     keep = tuple(int(k) for k in keep)
     return SearchResult(keep, env.reward(keep), env.accuracy(keep), env.overhead(keep), rewards,
-                        tuple(c.layer for c in env.candidates))
+                        tuple(c.layer for c in env.candidates), tuple(env.value(s, k) for s, k in enumerate(keep)))
 
 
 def reinforce(env: CompensationEnv, *, episodes: int = 60, lr: float = 0.05, seed: int = 0,

@@ -111,3 +111,73 @@ def test_progress_bars_only_on_a_terminal_or_when_asked_for(capsys):
     assert "\r" not in quiet.err + quiet.out and "chips: mean" in quiet.out
     assert main([*argv, "--verbose"]) == 0
     assert "\r" in capsys.readouterr().err
+
+
+# --- calibration: `calibrate`, `evaluate --calibrate` ------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled_digits(tmp_path_factory) -> str:
+    """The digits CNN compiled with calibration slots (small settings), deployed to a file."""
+    from rrcompile.data import load_data
+    from rrcompile.devices import parse_device
+    from rrcompile.finetune import FinetuneConfig
+    from rrcompile.io import save_model
+    from rrcompile.pipeline import CompileOptions, compile
+
+    train = load_data("digits", "train")
+    options = CompileOptions(parse_device("lognormal:sigma=0.5"), finetune=FinetuneConfig(epochs=1, validation_chips=2),
+                             episodes=4, rl_chips=2, rl_images=200)
+    result = compile(onnx.load(str(DIGITS_MODEL)), train.x / np.float32(255), train.y, options, progress=False,
+                     log=lambda _: None)
+    path = tmp_path_factory.mktemp("compiled") / "digits.onnx"
+    save_model(result.deployed, path)
+    return str(path)
+
+
+def test_calibrate_a_simulated_chip_then_the_same_chip_from_its_measurements(compiled_digits, tmp_path, capsys):
+    chip, measured, report = tmp_path / "chip.onnx", tmp_path / "chip.npz", tmp_path / "chip.json"
+    assert main(["calibrate", compiled_digits, "--chip", "0:4", "-o", str(chip), "--dump-measurements", str(measured),
+                 "--json", str(report), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "uncalibrated" in printed and "calibrated" in printed
+    result = json.loads(report.read_text())
+    assert result["device"] == "lognormal:sigma=0.5"  # the device the model was compiled for
+    assert result["calibrated"] > result["uncalibrated"] + 0.05
+    again = tmp_path / "again.onnx"
+    assert main(["calibrate", compiled_digits, "--measured", str(measured), "-o", str(again), "--quiet"]) == 0
+    from_chip = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(chip)).graph.initializer}
+    from_file = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(again)).graph.initializer}
+    for name, value in from_chip.items():
+        np.testing.assert_allclose(from_file[name], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("damage,culprit", [
+    (lambda m: m.pop("fc1.input"), "fc1.input"),
+    (lambda m: m.__setitem__("conv2.output", m["conv2.output"][:, :3]), "conv2.output"),
+    (lambda m: m["conv1.output"].__setitem__((0, 0, 0, 0), np.inf), "non-finite"),
+])
+def test_bad_measurement_files_are_one_line_exit_2_and_no_output(compiled_digits, tmp_path, capsys, damage, culprit):
+    measured = tmp_path / "chip.npz"
+    assert main(["calibrate", compiled_digits, "--chip", "0:1", "-o", str(tmp_path / "ok.onnx"),
+                 "--dump-measurements", str(measured), "--quiet"]) == 0
+    arrays = dict(np.load(measured))
+    damage(arrays)
+    np.savez(measured, **arrays)
+    capsys.readouterr()
+    assert main(["calibrate", compiled_digits, "--measured", str(measured), "-o", str(tmp_path / "bad.onnx")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and culprit in error and str(measured) in error
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_evaluate_calibrate_reports_both_over_the_same_chips(compiled_digits, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["evaluate", compiled_digits, "--calibrate", "128", "--samples", "3", "--limit", "200",
+                 "--json", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    calibrated = result["calibrated"]
+    assert set(calibrated) >= {"clean_accuracy", "mean", "std", "p5", "worst", "yield", "chips", "chip_accuracies"}
+    assert calibrated["chips"] == result["chips"] == 3 and calibrated["calibration_images"] == 128
+    assert calibrated["mean"] > result["mean"]
+    assert main(["evaluate", str(DIGITS_MODEL), "--calibrate", "16", "--samples", "1", "--quiet"]) == 2
+    assert "no calibratable compensation" in capsys.readouterr().err

@@ -83,7 +83,8 @@ def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path,
     printed = capsys.readouterr().out
     assert "original" in printed and "compiled" in printed and "time per stage" in printed
     report = json.loads((tmp_path / "digits.report.json").read_text())
-    assert report["after"]["chips"] == 3 and set(report["sigma_sweep"]) == {"original", "compiled"}
+    assert report["after"]["chips"] == report["calibrated"]["chips"] == 3
+    assert set(report["sigma_sweep"]) == {"original", "compiled", "compiled + calibrated"}
     assert (tmp_path / "digits.sigma.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--samples", "2", "--quiet"]) == 0
     assert "conv1: lognormal:sigma=0.5" in capsys.readouterr().out  # the device the graph carries
