@@ -656,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--compensation-epochs", type=positive_int, default=2)
     co.add_argument("--final-epochs", type=nonnegative_int, default=1, help="training of the kept compensation")
     co.add_argument("--episodes", type=positive_int, default=60, help="RL episodes")
-    co.add_argument("--overhead-weight", type=nonnegative_float, default=0.5, help="lambda: reward = accuracy - lambda x overhead")
+    co.add_argument("--overhead-weight", type=nonnegative_float, default=None,
+                    help="lambda: reward = accuracy - lambda x overhead (default 0.1; 0.5 with --trained-compensation)")
     co.add_argument("--rl-chips", type=positive_int, default=8)
     co.add_argument("--rl-images", type=positive_int, default=2000)
     co.add_argument("--samples", type=positive_int, default=100, help="chips for the before/after evaluation")

@@ -11,7 +11,8 @@ Both may be combined. Noise injection can also train *for calibration* (``calibr
 model with calibration slots): every mini-batch's chip is calibrated on that batch in the forward
 pass (``rrcompile.calibrate.calibrated_forward``), so the weights learn to tolerate the error that
 per-chip calibration leaves, not the raw one, and the epoch is chosen on calibrated validation
-chips. The model is trained on its logits: a Softmax or LogSoftmax head is left out
+chips, the starting model included (LeNet-5 at sigma 0.5 calibrates best as shipped: 98.33% over
+10 chips, 98.31% after 2 epochs of this training at lr 1e-4, 97.84% after 2 of noise injection). The model is trained on its logits: a Softmax or LogSoftmax head is left out
 of the training graph (a loss on probabilities saturates) but kept in the written model. The
 validation split selects the epoch to keep: the best validation accuracy under
 ``validation_device`` (the mean over a fixed set of chips, through onnxruntime, so every epoch
@@ -136,6 +137,8 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
     history = [validate(0, None, None)]
     floor = history[0].clean_val - config.clean_tolerance
     best_epoch, best_state, since_best = None, None, 0
+    if calibrating:  # a network may already be at its best once calibrated: the start competes
+        best_epoch, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     rng = np.random.default_rng([config.seed, 0xB47])
     epochs = tqdm(range(1, config.epochs + 1), desc="fine-tune", unit="epoch", disable=not progress, leave=False)
     for epoch in epochs:
