@@ -13,12 +13,8 @@ from __future__ import annotations
 import onnx
 import onnx.version_converter
 
-from rrcompile.graph import TARGET_IR_VERSION, TARGET_OPSET
+from rrcompile.graph import TARGET_IR_VERSION, TARGET_OPSET, default_opset
 from rrcompile.pass_manager import Pass, PassResult
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 class ConvertOpsetPass(Pass):

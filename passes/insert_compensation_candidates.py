@@ -37,13 +37,12 @@ from onnx import helper, numpy_helper
 from typing import Mapping
 
 from rrcompile.compensation import (
-    COMPENSATIONS, Compensation, ConvCalibration, ConvCompensation, DenseCalibration, DenseCompensation, rank_for_budget,
+    Compensation, ConvCalibration, ConvCompensation, DenseCalibration, DenseCompensation, is_compensation, rank_for_budget,
 )
 from rrcompile.devices import FUNCTION_OPSET
 from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, tensor_shapes
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, default_opset, tensor_shapes
 from rrcompile.pass_manager import Pass, PassResult
-from rrcompile.passes.convert_opset import default_opset
 
 
 class InsertCompensationCandidatesPass(Pass):
@@ -62,7 +61,7 @@ class InsertCompensationCandidatesPass(Pass):
     def requires(self, model: onnx.ModelProto) -> None:
         if default_opset(model) != TARGET_OPSET:
             raise self.fail(f"expects a canonical model at opset {TARGET_OPSET}; run CanonicalizePass first")
-        if any(n.domain == RRCOMPILE_DOMAIN and n.op_type in COMPENSATIONS for n in model.graph.node):
+        if any(is_compensation(n) for n in model.graph.node):
             raise self.fail("the model already contains compensation candidates")
         if not analog_layers(model):
             raise UnsupportedModelError("no analog layer (Conv, Gemm or MatMul with a constant weight) in the model")

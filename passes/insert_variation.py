@@ -19,11 +19,10 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from rrcompile.devices import BY_OP_TYPE, FUNCTION_OPSET, DeviceConfig, DeviceModel
+from rrcompile.devices import FUNCTION_OPSET, DeviceConfig, DeviceModel, is_variation
 from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, default_opset
 from rrcompile.pass_manager import Pass, PassResult
-from rrcompile.passes.convert_opset import default_opset
 
 
 class InsertVariationPass(Pass):
@@ -33,7 +32,7 @@ class InsertVariationPass(Pass):
     def requires(self, model: onnx.ModelProto) -> None:
         if default_opset(model) != TARGET_OPSET:
             raise self.fail(f"expects a canonical model at opset {TARGET_OPSET}; run CanonicalizePass first")
-        if any(n.domain == RRCOMPILE_DOMAIN and n.op_type in BY_OP_TYPE for n in model.graph.node):
+        if any(is_variation(n) for n in model.graph.node):
             raise self.fail("the model already contains ai.rrcompile variation ops")
         if not analog_layers(model):
             raise UnsupportedModelError("no analog layer (Conv, Gemm or MatMul with a constant weight) in the model")

@@ -16,18 +16,14 @@ from __future__ import annotations
 import onnx
 
 from rrcompile.compensation import candidates
-from rrcompile.devices import BY_OP_TYPE, noise_inputs
-from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, keep_where, remove_unused_functions
+from rrcompile.devices import is_variation, noise_inputs
+from rrcompile.graph import analog_layers, keep_where, remove_unused_functions
 from rrcompile.pass_manager import Pass, PassResult
-
-
-def _is_variation(node: onnx.NodeProto) -> bool:
-    return node.domain == RRCOMPILE_DOMAIN and node.op_type in BY_OP_TYPE
 
 
 class StripSimulationPass(Pass):
     def ensures(self, model: onnx.ModelProto) -> None:
-        if any(_is_variation(n) for n in model.graph.node):
+        if any(is_variation(n) for n in model.graph.node):
             raise self.fail("variation ops remain")
         inits = {t.name for t in model.graph.initializer}
         if any(vi.name in inits for vi in model.graph.input):
@@ -39,7 +35,7 @@ class StripSimulationPass(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         gates = {c.gate for c in candidates(model)}
-        if not any(_is_variation(n) for n in model.graph.node) and not gates & {vi.name for vi in model.graph.input}:
+        if not any(is_variation(n) for n in model.graph.node) and not gates & {vi.name for vi in model.graph.input}:
             return PassResult(model, False)
         noise = {n.name for n in noise_inputs(model)}
         model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -48,7 +44,7 @@ class StripSimulationPass(Pass):
         for layer in analog_layers(model):
             by_name[layer.node].input[1] = layer.weight
             range_nodes |= {f"{layer.node}.weight_abs", f"{layer.node}.weight_range"}
-        keep_where(model.graph.node, lambda n: not _is_variation(n) and n.name not in range_nodes)
+        keep_where(model.graph.node, lambda n: not is_variation(n) and n.name not in range_nodes)
         keep_where(model.graph.input, lambda vi: vi.name not in noise | gates)
         produced = {out for n in model.graph.node for out in n.output}
         keep_where(model.graph.value_info, lambda vi: vi.name in produced)

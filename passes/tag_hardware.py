@@ -17,10 +17,10 @@ import math
 
 import onnx
 
-from rrcompile.compensation import COMPENSATIONS
-from rrcompile.deploy import METADATA_KEY, HardwareReport
-from rrcompile.devices import BY_OP_TYPE
-from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, keep_where
+from rrcompile.compensation import COMPENSATIONS, is_compensation
+from rrcompile.devices import is_variation
+from rrcompile.graph import analog_layers, keep_where
+from rrcompile.hardware import METADATA_KEY, HardwareReport
 from rrcompile.pass_manager import Pass, PassResult
 
 
@@ -33,7 +33,7 @@ class TagHardwarePass(Pass):
         self.calibration = {"calibration_images": calibration_images, "calibration_seconds": calibration_seconds}
 
     def requires(self, model: onnx.ModelProto) -> None:
-        if any(n.domain == RRCOMPILE_DOMAIN and n.op_type in BY_OP_TYPE for n in model.graph.node):
+        if any(is_variation(n) for n in model.graph.node):
             raise self.fail("the model still simulates variation; run StripSimulationPass first")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -45,7 +45,7 @@ class TagHardwarePass(Pass):
                 grid = f"{math.ceil(layer.rows / self.tile)}x{math.ceil(layer.cols / self.tile)}"
                 node.doc_string = (f"rrcompile: analog crossbar, {grid} tiles of {self.tile}x{self.tile} "
                                    f"(rows x cols {layer.rows}x{layer.cols})")
-            elif node.domain == RRCOMPILE_DOMAIN and node.op_type in COMPENSATIONS:
+            elif is_compensation(node):
                 calibrated = COMPENSATIONS[node.op_type].calibrated
                 node.doc_string = f"rrcompile: digital ({'calibrated per chip' if calibrated else 'compensation'})"
             else:

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from rrcompile.compensation import COMPENSATIONS, Candidate, candidates
-from rrcompile.devices import BY_OP_TYPE, DeviceConfig, noise_inputs
+from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
 from rrcompile.errors import DataError
 from rrcompile.evaluate import draw_chip
-from rrcompile.graph import RRCOMPILE_DOMAIN, AnalogLayer, analog_layers
+from rrcompile.graph import AnalogLayer, analog_layers, model_io
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 
@@ -231,7 +231,7 @@ def calibrated_forward(module: TorchGraph, found: list[Slot], x: torch.Tensor, c
     by_node = {slot.candidate.node: slot for slot in found}
 
     def exact(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
-        return [inputs[0]] if node.domain == RRCOMPILE_DOMAIN and node.op_type in BY_OP_TYPE else None
+        return [inputs[0]] if is_variation(node) else None
 
     with torch.no_grad():  # the targets are what the chip should give, not something to train
         target = module(x, outputs=[slot.node.input[0] for slot in found], intercept=exact)
@@ -366,8 +366,6 @@ class Calibrator:
                                        f"gives {list(expected)} for '{names[0]}' of shape {list(x.shape)}")
 
     def _graph_input_shape(self) -> list[int | str]:
-        from rrcompile.evaluate import model_io
-
         return model_io(self.model)[1]
 
     def _ideal_shape(self, node, attrs, x: np.ndarray, *, name: str, source: str) -> tuple[int, ...]:

@@ -25,15 +25,17 @@ from rrcompile.calibrate import (
 from rrcompile.compensate import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
-from rrcompile.deploy import HardwareReport, compiled_device, deploy
+from rrcompile.deploy import compiled_device, deploy
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
-from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io, plot_sigma_sweep, sigma_sweep
+from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
 from rrcompile.finetune import FinetuneConfig, finetune
-from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, macs_per_sample, set_library_logging, tensor_shapes
+from rrcompile.graph import (
+    RRCOMPILE_DOMAIN, analog_layers, default_opset, macs_per_sample, model_io, set_library_logging, tensor_shapes,
+)
+from rrcompile.hardware import HardwareReport
 from rrcompile.io import load_model, outputs, save_model
 from rrcompile.lipschitz import FORMS, LipschitzPenalty
-from rrcompile.passes.convert_opset import default_opset
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.strip_simulation import StripSimulationPass
 from rrcompile.rl.reinforce import SearchResult

@@ -187,6 +187,11 @@ COMPENSATIONS: dict[str, type[Compensation]] = {
     cls.op_type: cls for cls in (ConvCompensation, DenseCompensation, ConvCalibration, DenseCalibration)}
 
 
+def is_compensation(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a compensation unit (trained or calibratable): an ``ai.rrcompile`` call of one."""
+    return node.domain == RRCOMPILE_DOMAIN and node.op_type in COMPENSATIONS
+
+
 def _conv(x: np.ndarray, w: np.ndarray, strides, pads, dilations) -> np.ndarray:
     """N-d convolution (group 1, no bias) in float64, the reference ONNX Conv is checked against."""
     spatial = len(strides)
@@ -243,7 +248,7 @@ def candidates(model: onnx.ModelProto) -> list[Candidate]:
     shapes = tensor_shapes(model)
     found = []
     for node in model.graph.node:
-        if node.domain != RRCOMPILE_DOMAIN or node.op_type not in COMPENSATIONS:
+        if not is_compensation(node):
             continue
         kind = COMPENSATIONS[node.op_type]
         down, up, gate = node.input[2:5]

@@ -9,6 +9,9 @@ Randomness never lives inside the graph: every stochastic model reads a standard
 uniform tensor shaped like ``W`` as an extra graph input, which the Monte Carlo evaluator draws
 from its seeded generator. One draw of the per-chip tensors is one simulated chip; read noise is
 drawn again for every inference (every ``session.run``).
+
+torch is imported inside the ``apply_torch`` methods only: the evaluator and the passes use this
+module without it, and importing torch costs seconds.
 """
 from __future__ import annotations
 
@@ -18,15 +21,17 @@ import fnmatch
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper
 
 from rrcompile.errors import DeviceSpecError
-from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer
+from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, is_analog_op, producers, variation_chain
+
+if TYPE_CHECKING:
+    import torch
 
 FUNCTION_OPSET = 1  # version of the ai.rrcompile domain
 
@@ -149,6 +154,8 @@ class LogNormalVariation(DeviceModel):
         return w * np.exp(np.float32(self.values["sigma"]) * noise)
 
     def apply_torch(self, w, w_range, noise):
+        import torch
+
         return w * torch.exp(noise * self.values["sigma"])
 
 
@@ -244,6 +251,8 @@ class Quantize(DeviceModel):
         return level * delta - r
 
     def apply_torch(self, w, w_range, noise):
+        import torch
+
         levels = self.values["levels"]
         delta = torch.clamp_min(w_range * 2.0 / (levels - 1), 1e-30)
         level = torch.clamp(torch.round((w + w_range) / delta), 0, levels - 1)
@@ -289,6 +298,8 @@ class StuckAtFault(DeviceModel):
         return np.where(noise < np.float32(self.values["p_off"]), np.float32(0), y).astype(w.dtype)
 
     def apply_torch(self, w, w_range, noise):
+        import torch
+
         on_value = torch.where(w < 0, -w_range, w_range)
         one, p_on = (torch.tensor(v, dtype=torch.float32) for v in (1.0, self.values["p_on"]))
         y = torch.where(noise >= one - p_on, on_value, w)  # the threshold in float32, as in ONNX
@@ -300,6 +311,11 @@ DEVICE_MODELS: dict[str, type[DeviceModel]] = {
 }
 BY_OP_TYPE: dict[str, type[DeviceModel]] = {cls.op_type: cls for cls in DEVICE_MODELS.values()}
 ALIASES = {"additive": "programming", "stuck-at": "stuck", "quant": "quantize"}
+
+
+def is_variation(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a variation op: an ``ai.rrcompile`` call of a device model."""
+    return node.domain == RRCOMPILE_DOMAIN and node.op_type in BY_OP_TYPE
 
 
 def parse_models(spec: str) -> list[DeviceModel]:
@@ -464,7 +480,7 @@ def noise_inputs(model: onnx.ModelProto) -> list[NoiseInput]:
     """The graph inputs of a varied model that carry random draws, with what to draw for each."""
     readers: dict[str, type[DeviceModel]] = {}
     for node in model.graph.node:
-        if node.domain == RRCOMPILE_DOMAIN and node.op_type in BY_OP_TYPE:
+        if is_variation(node):
             cls = BY_OP_TYPE[node.op_type]
             if cls.noise is not None:
                 readers[node.input[-1]] = cls
@@ -479,16 +495,13 @@ def noise_inputs(model: onnx.ModelProto) -> list[NoiseInput]:
 def simulated_device(model: onnx.ModelProto) -> DeviceConfig | None:
     """The device a simulation graph carries: each analog layer's chain of variation ops, read back
     into device models (per layer, by node name); None for a graph without variation ops."""
-    producer = {out: node for node in model.graph.node for out in node.output}
+    producer = producers(model)
     layers: dict[str, list[DeviceModel]] = {}
     for node in model.graph.node:
-        if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        if not is_analog_op(node):
             continue
-        stack, tensor = [], node.input[1]
-        while tensor in producer and producer[tensor].domain == RRCOMPILE_DOMAIN and producer[tensor].op_type in BY_OP_TYPE:
-            op = producer[tensor]
-            stack.append(BY_OP_TYPE[op.op_type](**{a.name: _from_attribute(a) for a in op.attribute}))
-            tensor = op.input[0]
+        stack = [BY_OP_TYPE[op.op_type](**{a.name: _from_attribute(a) for a in op.attribute})
+                 for op in variation_chain(node.input[1], producer) if is_variation(op)]
         if stack:
             layers[node.name] = sorted(stack, key=lambda m: m.order)
     return DeviceConfig([], layers) if layers else None

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rrcompile.data import batches, fit_to_input
 from rrcompile.devices import DeviceConfig, noise_inputs
 from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import ANALOG_OPS, RRCOMPILE_DOMAIN, export_graph, import_graph, remove_unused_functions
+from rrcompile.graph import analog_layers, export_graph, import_graph, model_io, remove_unused_functions
 from rrcompile.passes.insert_variation import InsertVariationPass
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
@@ -54,9 +54,11 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     outputs are named ``<layer>.programmed_weight``). ``chip model`` is the inference graph with
     each of those as a float32 initializer (holding the target weight until a chip's is written).
     """
-    layers = {n.name: n for n in varied.graph.node if n.op_type in ANALOG_OPS}
-    programmed = {n.input[1]: f"{name}.programmed_weight" for name, n in layers.items()
-                  if any(p.output[:1] == [n.input[1]] and p.domain == RRCOMPILE_DOMAIN for p in varied.graph.node)}
+    nodes = {n.name: n for n in varied.graph.node}
+    # weight input -> layer, for the layers whose weight comes through a variation chain
+    varied_layers = {nodes[layer.node].input[1]: layer for layer in analog_layers(varied)
+                     if nodes[layer.node].input[1] != layer.weight}
+    programmed = {tensor: f"{layer.node}.programmed_weight" for tensor, layer in varied_layers.items()}
     program = onnx.ModelProto.FromString(varied.SerializeToString())
     graph = import_graph(program)
     graph.inputs = [t for t in graph.inputs if t.name != data_input]
@@ -69,9 +71,9 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
 
     chip = onnx.ModelProto.FromString(varied.SerializeToString())
     graph = import_graph(chip)
-    for node in graph.nodes:
-        if node.name in layers and node.inputs[1].name in programmed:
-            node.inputs[1] = gs.Constant(programmed[node.inputs[1].name], _target_weight(node.inputs[1]).values)
+    tensors, by_name = graph.tensors(), {node.name: node for node in graph.nodes}
+    for tensor, layer in varied_layers.items():
+        by_name[layer.node].inputs[1] = gs.Constant(programmed[tensor], tensors[layer.weight].values)
     noise = {n.name for n in noise_inputs(varied)}
     graph.inputs = [t for t in graph.inputs if t.name not in noise]
     chip = export_graph(graph, varied)
@@ -82,32 +84,11 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     return program, chip
 
 
-def _target_weight(tensor: gs.Tensor) -> gs.Constant:
-    """The initializer at the start of a variation chain."""
-    while not isinstance(tensor, gs.Constant):
-        tensor = tensor.inputs[0].inputs[0]
-    return tensor
-
-
 def draw_chip(varied: onnx.ModelProto, seed: int, chip: int) -> dict[str, np.ndarray]:
     """The per-chip noise tensors of chip ``chip`` of run ``seed`` for varied model ``varied``:
     the one definition of a chip, shared by the Monte Carlo evaluator and calibration."""
     chip_rng = np.random.default_rng([seed, chip])
     return {n.name: n.noise.draw(chip_rng, n.shape) for n in noise_inputs(varied) if n.noise.per == "chip"}
-
-
-def model_io(model: onnx.ModelProto) -> tuple[str, list[int | str]]:
-    """Name and shape of a classifier's single data input.
-
-    An input backed by an initializer (a compensation gate) has a default value, so it is not data.
-    """
-    inits = {t.name for t in model.graph.initializer}
-    data = [i for i in model.graph.input if i.name not in inits]
-    if len(data) != 1:
-        names = ", ".join(i.name for i in data)
-        raise UnsupportedModelError(f"expected one data input, found {len(data)} ({names})")
-    vi = data[0]
-    return vi.name, [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
 
 
 def session_accuracy(session: ort.InferenceSession, input_name: str, x: np.ndarray, y: np.ndarray, batch_size: int,

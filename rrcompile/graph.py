@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
+
 import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from rrcompile.errors import UnsupportedModelError
+
 TARGET_OPSET = 17
 TARGET_IR_VERSION = 8  # the IR version that introduced opset 17
 RRCOMPILE_DOMAIN = "ai.rrcompile"
 ANALOG_OPS = ("Conv", "Gemm", "MatMul")
+DEFAULT_DOMAINS = ("", "ai.onnx")  # two spellings of the standard ONNX operator set
 
 
 def set_library_logging(*, verbose: bool = False) -> None:
@@ -60,6 +64,56 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def is_default_domain(item: onnx.NodeProto | onnx.OperatorSetIdProto) -> bool:
+    """Whether a node, or an opset import, belongs to the standard ONNX domain."""
+    return item.domain in DEFAULT_DOMAINS
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the standard ONNX domain that ``model`` imports (1 if it imports none)."""
+    return next((o.version for o in model.opset_import if is_default_domain(o)), 1)
+
+
+def is_analog_op(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a Conv, Gemm or MatMul that could be an analog layer (weight permitting)."""
+    return node.op_type in ANALOG_OPS and is_default_domain(node) and len(node.input) >= 2
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def variation_chain(tensor: str, producer: Mapping[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The ``ai.rrcompile`` ops a layer's weight input ``tensor`` comes through, from the layer back
+    to the weight: the last one reads the target initializer as its first input; empty if unvaried.
+
+    Each op of a variation chain takes the weight it varies as its first input. Only variation ops
+    write a weight (compensation reads a layer's data and writes its output), so the domain tells
+    them apart here, which keeps this module below the device registry (``devices.is_variation``).
+    """
+    chain = []
+    while tensor in producer and producer[tensor].domain == RRCOMPILE_DOMAIN:
+        chain.append(producer[tensor])
+        tensor = producer[tensor].input[0]
+    return chain
+
+
+def model_io(model: onnx.ModelProto, *, ignore: Collection[str] = ()) -> tuple[str, list[int | str]]:
+    """Name and shape of a classifier's single data input.
+
+    An input backed by an initializer (a compensation gate) has a default value, so it is not data;
+    nor is an input named in ``ignore`` (a varied model's noise inputs, for a caller that feeds them).
+    """
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in inits and i.name not in ignore]
+    if len(data) != 1:
+        names = ", ".join(i.name for i in data)
+        raise UnsupportedModelError(f"expected one data input, found {len(data)} ({names})")
+    vi = data[0]
+    return vi.name, [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+
 def only_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
     """The single node reading ``tensor``, or None if it has several readers or is a graph output."""
     if len(tensor.outputs) != 1 or tensor in graph.outputs:
@@ -89,15 +143,13 @@ class AnalogLayer:
 def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
     """Every analog layer in graph order; ``weight`` is the target initializer, also in a varied model."""
     inits = {t.name: t for t in model.graph.initializer}
-    # each op of a variation chain takes the weight it varies as its first input
-    varied_from = {out: n.input[0] for n in model.graph.node if n.domain == RRCOMPILE_DOMAIN for out in n.output}
+    producer = producers(model)
     layers = []
     for node in model.graph.node:
-        if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        if not is_analog_op(node):
             continue
-        weight = node.input[1]
-        while weight in varied_from:
-            weight = varied_from[weight]
+        chain = variation_chain(node.input[1], producer)
+        weight = chain[-1].input[0] if chain else node.input[1]
         if weight not in inits:
             continue
         shape = tuple(inits[weight].dims)

@@ -29,10 +29,11 @@ import onnx
 
 from rrcompile.calibrate import CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, with_ranks
 from rrcompile.compensate import CompensationConfig, train_compensation
-from rrcompile.deploy import HardwareReport, deploy
+from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.finetune import FinetuneConfig, finetune, split_validation
 from rrcompile.graph import analog_layers
+from rrcompile.hardware import HardwareReport
 from rrcompile.lipschitz import LipschitzPenalty
 from rrcompile.passes.canonicalize import CanonicalizePass
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass

@@ -37,8 +37,9 @@ from onnx import helper, numpy_helper
 from rrcompile.compensation import candidates
 from rrcompile.devices import BY_OP_TYPE, noise_inputs
 from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers
-from rrcompile.passes.convert_opset import default_opset
+from rrcompile.graph import (
+    RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, default_opset, is_default_domain, model_io,
+)
 
 Tensor = torch.Tensor
 OpFunction = Callable[[list, dict], list]
@@ -361,7 +362,7 @@ OPS: dict[str, OpFunction] = {
 
 def op_key(node: onnx.NodeProto) -> str:
     """The node's key in ``OPS``: the op type, prefixed by its domain outside the default one."""
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+    return node.op_type if is_default_domain(node) else f"{node.domain}:{node.op_type}"
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -451,10 +452,7 @@ class TorchGraph(torch.nn.Module):
         self.analog_layers: list[AnalogLayer] = analog_layers(model)
         self.noise = {n.name: n for n in noise_inputs(model)}
         inits = {t.name: t for t in model.graph.initializer}
-        data = [i.name for i in model.graph.input if i.name not in inits and i.name not in self.noise]
-        if len(data) != 1:
-            raise UnsupportedModelError(f"expected one data input, found {len(data)} ({', '.join(data)})")
-        self.input_name = data[0]
+        self.input_name = model_io(model, ignore=self.noise)[0]
         self.output_names = [o.name for o in model.graph.output]
 
         trainable = set(trainable_initializers(model) if trainable is None else trainable)

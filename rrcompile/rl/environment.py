@@ -32,8 +32,8 @@ from onnx import helper, numpy_helper
 
 from rrcompile.compensation import Candidate, candidates
 from rrcompile.devices import DeviceConfig
-from rrcompile.evaluate import MonteCarloEvaluator, make_session, model_io, session_accuracy
-from rrcompile.graph import analog_layers, to_networkx
+from rrcompile.evaluate import MonteCarloEvaluator, make_session, session_accuracy
+from rrcompile.graph import analog_layers, model_io, to_networkx
 from rrcompile.lipschitz import SpectralReport
 
 FEATURES = ("position", "depth", "is_conv", "log_params", "log_macs", "spectral_norm", "sensitivity",

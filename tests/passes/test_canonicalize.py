@@ -7,9 +7,8 @@ import pytest
 from conftest import run
 from graph_builders import QUIRK_MODELS
 
-from rrcompile.graph import TARGET_OPSET, analog_layers
+from rrcompile.graph import TARGET_OPSET, analog_layers, default_opset
 from rrcompile.passes.canonicalize import CanonicalizePass
-from rrcompile.passes.convert_opset import default_opset
 
 TOLERANCE = 1e-5
 

@@ -11,8 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rrcompile.compensation import COMPENSATIONS, candidates, rank_for_budget
 from rrcompile.devices import BY_OP_TYPE, noise_inputs, parse_device
 from rrcompile.errors import PassError, UnsupportedModelError
-from rrcompile.evaluate import model_io
-from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers
+from rrcompile.graph import RRCOMPILE_DOMAIN, analog_layers, model_io
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.pipeline import canonicalize

@@ -7,9 +7,9 @@ import onnx
 import pytest
 from conftest import DIGITS_MODEL
 
-from rrcompile.deploy import METADATA_KEY, HardwareReport
 from rrcompile.devices import parse_device
 from rrcompile.errors import PassError
+from rrcompile.hardware import METADATA_KEY, HardwareReport
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.tag_hardware import TagHardwarePass

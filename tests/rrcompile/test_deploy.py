@@ -10,8 +10,9 @@ import pytest
 from conftest import DIGITS_MODEL, run, with_up_weights
 
 from rrcompile.compensation import candidates
-from rrcompile.deploy import METADATA_KEY, deploy
+from rrcompile.deploy import deploy
 from rrcompile.devices import parse_device
+from rrcompile.hardware import METADATA_KEY
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.select_compensation import SelectCompensationPass

@@ -1,6 +1,9 @@
 """Monte Carlo evaluator: chip semantics, seeded reproducibility, and the programmed weights."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -90,3 +93,10 @@ def test_chip_stats_summary():
     assert stats.yield_ == 0.5  # 0.9 and 0.86 keep >= 95% of 0.9 = 0.855
     assert stats.p5 == pytest.approx(np.percentile([0.9, 0.86, 0.5, 0.8], 5))
     assert stats.summary()["chips"] == 4
+
+
+def test_importing_the_evaluator_leaves_torch_unloaded():
+    """Evaluation runs on onnxruntime alone; torch would add seconds to every evaluate run."""
+    code = "import rrcompile.evaluate, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -12,10 +12,10 @@ from rrcompile.cli import main
 from rrcompile.compensate import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import load_data
-from rrcompile.deploy import HardwareReport, compiled_device
-from rrcompile.devices import BY_OP_TYPE, parse_device
+from rrcompile.deploy import compiled_device
+from rrcompile.devices import is_variation, parse_device
 from rrcompile.finetune import FinetuneConfig
-from rrcompile.graph import RRCOMPILE_DOMAIN
+from rrcompile.hardware import HardwareReport
 from rrcompile.pipeline import CompileOptions, compile
 
 DEVICE = parse_device("lognormal:sigma=0.5")
@@ -59,7 +59,7 @@ def test_compile_with_trained_compensation_runs_the_papers_stages(digits):
     assert result.selection["rl"].reward >= result.selection["none"].reward
     assert result.hardware.overhead_percent <= 5.0
     onnx.checker.check_model(result.deployed, full_check=True)
-    assert not any(n.domain == RRCOMPILE_DOMAIN and n.op_type in BY_OP_TYPE for n in result.deployed.graph.node)
+    assert not any(is_variation(n) for n in result.deployed.graph.node)
     assert [i.name for i in result.deployed.graph.input] == ["image"]
     np.testing.assert_allclose(run(result.deployed, x[:20]), run(result.model, x[:20]), atol=1e-5, rtol=1e-5)
 
