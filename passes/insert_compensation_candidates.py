@@ -46,6 +46,8 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class InsertCompensationCandidatesPass(Pass):
+    in_place = True
+
     def __init__(self, budget: float = 0.05, rank: int | None = None, seed: int = 0, *,
                  ranks: Mapping[str, int] | None = None, calibrated: bool = False):
         if rank is not None and rank < 1:
@@ -73,7 +75,6 @@ class InsertCompensationCandidatesPass(Pass):
             raise self.fail(f"compensated model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         shapes = tensor_shapes(model)
         inits = {t.name: t for t in model.graph.initializer}
         layers = {layer.node: (index, layer) for index, layer in enumerate(analog_layers(model))}

@@ -26,6 +26,8 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class InsertVariationPass(Pass):
+    in_place = True
+
     def __init__(self, device: DeviceConfig):
         self.device = device
 
@@ -38,7 +40,6 @@ class InsertVariationPass(Pass):
             raise UnsupportedModelError("no analog layer (Conv, Gemm or MatMul with a constant weight) in the model")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         layers = {layer.node: layer for layer in analog_layers(model)}
         dtypes = {t.name: t.data_type for t in model.graph.initializer}
         nodes: list[onnx.NodeProto] = []

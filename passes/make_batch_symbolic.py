@@ -32,6 +32,8 @@ def _leading_dim(vi: onnx.ValueInfoProto) -> onnx.TensorShapeProto.Dimension | N
 
 
 class MakeBatchSymbolicPass(Pass):
+    in_place = True
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         leading = [_leading_dim(i) for i in model.graph.input]
         if not leading or any(d is None or not d.HasField("dim_value") for d in leading):
@@ -41,7 +43,6 @@ class MakeBatchSymbolicPass(Pass):
             return PassResult(model, False)  # inputs disagree: no single batch to generalize
         batch = batch_sizes.pop()
 
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         for vi in [*model.graph.input, *model.graph.output]:
             dim = _leading_dim(vi)
             if dim is not None and dim.HasField("dim_value") and dim.dim_value == batch:

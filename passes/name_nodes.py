@@ -15,6 +15,8 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class NameNodesPass(Pass):
+    in_place = True
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         taken = {n.name for n in model.graph.node if n.name}
         seen: set[str] = set()
@@ -30,7 +32,6 @@ class NameNodesPass(Pass):
             seen.add(name)
         if not renames:
             return PassResult(model, False)
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         for index, name in renames.items():
             model.graph.node[index].name = name
         return PassResult(model, True)

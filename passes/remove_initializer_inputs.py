@@ -15,12 +15,13 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class RemoveInitializerInputsPass(Pass):
+    in_place = True
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         weights = {t.name for t in model.graph.initializer}
         keep = [i for i in model.graph.input if i.name not in weights]
         if len(keep) == len(model.graph.input):
             return PassResult(model, False)
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         del model.graph.input[:]
         model.graph.input.extend(keep)
         if model.ir_version < 4:

@@ -20,6 +20,8 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class SelectCompensationPass(Pass):
+    in_place = True
+
     def __init__(self, keep: Iterable[str]):
         self.keep = set(keep)
 
@@ -32,7 +34,6 @@ class SelectCompensationPass(Pass):
         dropped = [c for c in candidates(model) if c.layer not in self.keep]
         if not dropped:
             return PassResult(model, False)
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         by_name = {n.name: n for n in model.graph.node}
         removed_tensors = set()
         for candidate in dropped:

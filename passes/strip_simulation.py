@@ -22,6 +22,8 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class StripSimulationPass(Pass):
+    in_place = True
+
     def ensures(self, model: onnx.ModelProto) -> None:
         if any(is_variation(n) for n in model.graph.node):
             raise self.fail("variation ops remain")
@@ -38,7 +40,6 @@ class StripSimulationPass(Pass):
         if not any(is_variation(n) for n in model.graph.node) and not gates & {vi.name for vi in model.graph.input}:
             return PassResult(model, False)
         noise = {n.name for n in noise_inputs(model)}
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         by_name = {n.name: n for n in model.graph.node}
         range_nodes = set()
         for layer in analog_layers(model):

@@ -25,6 +25,8 @@ from rrcompile.pass_manager import Pass, PassResult
 
 
 class TagHardwarePass(Pass):
+    in_place = True
+
     def __init__(self, tile: int = 128, *, calibration_images: int | None = None,
                  calibration_seconds: float | None = None):
         if tile < 1:
@@ -37,7 +39,6 @@ class TagHardwarePass(Pass):
             raise self.fail("the model still simulates variation; run StripSimulationPass first")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
         layers = {layer.node: layer for layer in analog_layers(model)}
         for node in model.graph.node:
             if node.name in layers:
