@@ -59,8 +59,7 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     varied_layers = {nodes[layer.node].input[1]: layer for layer in analog_layers(varied)
                      if nodes[layer.node].input[1] != layer.weight}
     programmed = {tensor: f"{layer.node}.programmed_weight" for tensor, layer in varied_layers.items()}
-    program = onnx.ModelProto.FromString(varied.SerializeToString())
-    graph = import_graph(program)
+    graph = import_graph(varied)
     graph.inputs = [t for t in graph.inputs if t.name != data_input]
     tensors = graph.tensors()
     graph.outputs = [tensors[name] for name in programmed]
@@ -69,8 +68,7 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
         tensor.dtype, tensor.shape = np.float32, None
     program = export_graph(graph, varied)
 
-    chip = onnx.ModelProto.FromString(varied.SerializeToString())
-    graph = import_graph(chip)
+    graph = import_graph(varied)
     tensors, by_name = graph.tensors(), {node.name: node for node in graph.nodes}
     for tensor, layer in varied_layers.items():
         by_name[layer.node].inputs[1] = gs.Constant(programmed[tensor], tensors[layer.weight].values)

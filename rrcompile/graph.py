@@ -36,7 +36,14 @@ set_library_logging()
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """``model`` as a graphsurgeon graph; ``model`` itself stays as it was.
+
+    graphsurgeon writes into the model it imports (it names the tensor of every Constant node),
+    so it imports a copy: a pass that builds a new model must leave its input alone.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return gs.import_onnx(copy)
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
