@@ -12,7 +12,7 @@ Rules:
    ``numpy.random.default_rng([seed, layer index])``) and ``<layer>.compensation_up`` (zeros, so
    inserting candidates changes no output), of rank ``ranks[layer]``, else ``rank``, else
    ``rank_for_budget(budget)``; a layer whose rank in ``ranks`` is 0 gets no candidate, or with
-   ``calibrated`` a gain and offset only.
+   ``calibrated`` a gain and offset only (``ConvGainOffset`` / ``DenseGainOffset``).
    With ``calibrated`` the candidate is the calibratable form (``ConvCalibration``,
    ``DenseCalibration``) with a per-column ``<layer>.compensation_gain`` (ones) and
    ``<layer>.compensation_offset`` (zeros), which again change no output.
@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from typing import Mapping
-
 from rrcompile.compensation import (
-    Compensation, ConvCalibration, ConvCompensation, DenseCalibration, DenseCompensation, is_compensation, rank_for_budget,
+    Compensation, ConvCompensation, DenseCompensation, calibration_kind, is_compensation, rank_for_budget,
 )
 from rrcompile.devices import FUNCTION_OPSET
 from rrcompile.errors import UnsupportedModelError
@@ -94,10 +93,10 @@ class InsertCompensationCandidatesPass(Pass):
             if skip:
                 warnings.warn(f"{self.name}: layer '{layer.node}' gets no compensation candidate: {skip}")
                 continue
-            if layer.op == "Conv":
-                kind = ConvCalibration if self.calibrated else ConvCompensation
+            if self.calibrated:
+                kind = calibration_kind(layer.op, rank)
             else:
-                kind = DenseCalibration if self.calibrated else DenseCompensation
+                kind = ConvCompensation if layer.op == "Conv" else DenseCompensation
             values = [*self._weights(kind, layer, rank, index), np.array(1.0, np.float32)]
             parts = ["down", "up", "gate"]
             if kind.calibrated:

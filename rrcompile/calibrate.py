@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from rrcompile.compensation import COMPENSATIONS, Candidate, candidates
+from rrcompile.compensation import Candidate, calibration_kind, candidates
 from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
 from rrcompile.errors import DataError
 from rrcompile.evaluate import draw_chip
-from rrcompile.graph import AnalogLayer, analog_layers, model_io
+from rrcompile.graph import RRCOMPILE_DOMAIN, AnalogLayer, analog_layers, model_io, remove_unused_functions
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 
@@ -398,13 +398,15 @@ def save_measurements(measurements: Mapping[str, np.ndarray], path: str | os.Pat
 
 def with_ranks(model: onnx.ModelProto, ranks: Mapping[str, int]) -> onnx.ModelProto:
     """A copy of ``model`` whose calibratable slots keep only their first ``ranks[layer]`` directions
-    (the strongest: :func:`fit_projections` orders them), with the up weights cut to match."""
+    (the strongest: :func:`fit_projections` orders them), with the up weights cut to match; a slot
+    cut to rank 0 becomes its gain-and-offset function."""
     found = {s.layer.node: s for s in slots(model)}
     unknown = set(ranks) - set(found)
     if unknown:
         raise CalibrationError(f"no calibratable compensation at layer(s) {', '.join(sorted(unknown))}")
     result = onnx.ModelProto.FromString(model.SerializeToString())
     by_name = {t.name: t for t in result.graph.initializer}
+    nodes = {n.name: n for n in result.graph.node}
     for layer, rank in ranks.items():
         slot = found[layer]
         if not 0 <= rank <= slot.candidate.rank:
@@ -414,6 +416,11 @@ def with_ranks(model: onnx.ModelProto, ranks: Mapping[str, int]) -> onnx.ModelPr
         down, up = (down[:rank], up[:, :rank]) if slot.is_conv else (down[:, :rank], up[:rank])
         for name, value in ((slot.candidate.down, down), (slot.candidate.up, up)):
             by_name[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        kind = calibration_kind(slot.layer.op, rank)
+        nodes[slot.candidate.node].op_type = kind.op_type
+        if not any(f.name == kind.op_type and f.domain == RRCOMPILE_DOMAIN for f in result.functions):
+            result.functions.append(kind.function_proto())
+    remove_unused_functions(result)
     return result
 
 

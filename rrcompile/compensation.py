@@ -56,6 +56,7 @@ class Compensation(abc.ABC):
     op_type: ClassVar[str]  # function name in the ai.rrcompile domain
     attributes: ClassVar[tuple[str, ...]]
     calibrated: ClassVar[bool] = False  # reads a per-chip gain ``A`` and offset ``B`` after ``G``
+    branchless: ClassVar[bool] = False  # rank 0: only the gain and offset, no branch in the body
 
     @classmethod
     @abc.abstractmethod
@@ -84,8 +85,10 @@ class Compensation(abc.ABC):
 
     @classmethod
     def function_proto(cls) -> onnx.FunctionProto:
-        nodes = [*cls.branch(), helper.make_node("Mul", ["G", "up"], ["correction"])]
-        if cls.calibrated:
+        nodes = [] if cls.branchless else [*cls.branch(), helper.make_node("Mul", ["G", "up"], ["correction"])]
+        if cls.branchless:
+            nodes += [helper.make_node("Mul", ["A", "Y"], ["scaled"]), helper.make_node("Add", ["scaled", "B"], ["Z"])]
+        elif cls.calibrated:
             nodes += [helper.make_node("Mul", ["A", "Y"], ["scaled"]), helper.make_node("Add", ["scaled", "B"], ["shifted"]),
                       helper.make_node("Add", ["shifted", "correction"], ["Z"])]
         else:
@@ -183,8 +186,42 @@ class DenseCalibration(DenseCompensation):
         return a * y + b + np.float32(g) * ((x @ wd) @ wu)
 
 
+class ConvGainOffset(ConvCalibration):
+    """``A * Y + B``: a rank-0 conv calibration slot (X, Wd, Wu and G are read by the signature only).
+
+    Its own function, not ``ConvCalibration`` with a 0-channel ``Wd``: onnxruntime 1.30's NCHWc
+    layout pass fails on a convolution to 0 channels ("ReorderOutput ... invalid channel count").
+    """
+
+    op_type = "ConvGainOffset"
+    branchless = True
+
+    @staticmethod
+    def apply(y, x, wd, wu, g, a, b, **attrs):
+        return a * y + b
+
+
+class DenseGainOffset(DenseCalibration):
+    """``A * Y + B``: a rank-0 dense calibration slot (X, Wd, Wu and G are read by the signature only)."""
+
+    op_type = "DenseGainOffset"
+    branchless = True
+
+    @staticmethod
+    def apply(y, x, wd, wu, g, a, b):
+        return a * y + b
+
+
 COMPENSATIONS: dict[str, type[Compensation]] = {
-    cls.op_type: cls for cls in (ConvCompensation, DenseCompensation, ConvCalibration, DenseCalibration)}
+    cls.op_type: cls for cls in (ConvCompensation, DenseCompensation, ConvCalibration, DenseCalibration,
+                                 ConvGainOffset, DenseGainOffset)}
+
+
+def calibration_kind(op: str, rank: int) -> type[Compensation]:
+    """The calibration slot's function for an analog ``op`` (Conv, Gemm, MatMul) at ``rank``."""
+    if op == "Conv":
+        return ConvCalibration if rank else ConvGainOffset
+    return DenseCalibration if rank else DenseGainOffset
 
 
 def is_compensation(node: onnx.NodeProto) -> bool:

@@ -312,8 +312,6 @@ def _device_op(op_type: str) -> OpFunction:
 
 def conv_compensation(inputs: list, attrs: dict) -> list:
     y, x, down, up, gate = inputs
-    if not down.numel():  # rank 0: torch has no convolution to zero channels
-        return [y]
     hidden = _conv(x, down, None, attrs["strides"], attrs["pads"], attrs["dilations"])
     n = up.dim() - 2
     return [y + gate * _conv(hidden, up, None, [1] * n, [0] * (2 * n), [1] * n)]
@@ -357,6 +355,8 @@ OPS: dict[str, OpFunction] = {
     f"{RRCOMPILE_DOMAIN}:DenseCompensation": dense_compensation,
     f"{RRCOMPILE_DOMAIN}:ConvCalibration": _calibrated(conv_compensation),
     f"{RRCOMPILE_DOMAIN}:DenseCalibration": _calibrated(dense_compensation),
+    **{f"{RRCOMPILE_DOMAIN}:{op}": lambda inputs, attrs: [inputs[5] * inputs[0] + inputs[6]]
+       for op in ("ConvGainOffset", "DenseGainOffset")},
 }
 
 

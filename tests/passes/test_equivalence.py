@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import graph_builders
 from conftest import DIGITS_MODEL, gates, with_up_weights
 from graph_builders import QUIRK_MODELS
 
@@ -124,15 +123,6 @@ MODELS: dict[str, Callable[[], tuple[onnx.ModelProto, np.ndarray]]] = {
     **QUIRK_MODELS,
     "digits_cnn": lambda: (onnx.load(str(DIGITS_MODEL)), np.random.default_rng(0).random((3, 1, 8, 8), np.float32)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def builders_generator_untouched():
-    """The quirk builders draw their weights from one shared generator, so the graphs of the test
-    files after this one depend on how many were built before them: leave it as found."""
-    state = graph_builders.RNG.bit_generator.state
-    yield
-    graph_builders.RNG.bit_generator.state = state
 
 
 def feed(model: onnx.ModelProto) -> dict[str, np.ndarray]:
