@@ -459,10 +459,12 @@ class CalibratedEvaluator:
 
         clean = self.evaluator.clean_accuracy(x, y)
         raw, calibrated = [], []
-        for chip in tqdm(range(samples), desc=f"{desc} (calibrated)", unit="chip", disable=not progress, leave=False):
+        # without variation every chip is the same chip: measure and calibrate one
+        measured = 1 if self.evaluator.identical_chips else samples
+        for chip in tqdm(range(measured), desc=f"{desc} (calibrated)", unit="chip", disable=not progress, leave=False):
             raw.append(self.evaluator.chip_accuracy(x, y, seed, chip))
             calibrated.append(self.chip_accuracy(x, y, seed, chip))
-        return ChipStats(clean, raw), ChipStats(clean, calibrated)
+        return ChipStats(clean, raw * (samples // measured)), ChipStats(clean, calibrated * (samples // measured))
 
 
 def calibrated_sigma_sweep(model: onnx.ModelProto, device: DeviceConfig, sigmas, x_calibration: np.ndarray,

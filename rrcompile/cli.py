@@ -412,7 +412,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out_path = Path(args.output)
     report_path, plot_path = out_path.with_suffix(".report.json"), out_path.with_suffix(".sigma.png")
     planned = {"-o": out_path, "--simulate-output": args.simulate_output, "report": report_path,
-               "plot": plot_path if sweep else None}
+               "plot": plot_path if sweep and not args.no_report else None}
     with outputs(input_files(args, args.device), planned) as out:
         with about(args.model):
             original = pipeline.canonicalize(load_model(args.model))
@@ -429,37 +429,41 @@ def cmd_compile(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         with about(args.model):
             result = pipeline.compile(original, x_train, train.y, options, progress=args.progress, log=log)
-        log("[*] Monte Carlo evaluation on the test set ...")
-        evaluated = time.perf_counter()
-        before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=args.progress)
-        if calibrating:
-            after, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration).evaluate(
-                x_test, test.y, args.samples, args.seed, progress=args.progress)
-        else:
-            after = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples, args.seed,
-                                                                       progress=args.progress)
-        rows = {"original": before, "compiled": after, **({"compiled + calibrated": calibrated} if calibrating else {})}
-        curves = {}
-        if sweep:
-            curves["original"] = sigma_sweep(original, device, sweep, x_test, test.y, args.sweep_samples, args.seed,
-                                             progress=args.progress)
+        compiled_seconds = time.perf_counter() - started
+        rows, curves, report_seconds = {}, {}, 0.0
+        if not args.no_report:
+            log("[*] report: Monte Carlo evaluation on the test set ...")
+            evaluated = time.perf_counter()
+            rows["original"] = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed,
+                                                                              progress=args.progress)
             if calibrating:
-                curves["compiled"], curves["compiled + calibrated"] = calibrated_sigma_sweep(
-                    result.model, device, sweep, result.x_calibration, x_test, test.y, args.sweep_samples, args.seed,
-                    progress=args.progress)
+                rows["compiled"], rows["compiled + calibrated"] = CalibratedEvaluator(
+                    result.model, device, result.x_calibration).evaluate(x_test, test.y, args.samples, args.seed,
+                                                                         progress=args.progress)
             else:
-                curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, test.y, args.sweep_samples,
-                                                 args.seed, progress=args.progress)
-        result.seconds["evaluate"] = time.perf_counter() - evaluated
-        total = time.perf_counter() - started
+                rows["compiled"] = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples,
+                                                                                      args.seed, progress=args.progress)
+            if sweep:
+                curves["original"] = sigma_sweep(original, device, sweep, x_test, test.y, args.sweep_samples, args.seed,
+                                                 progress=args.progress)
+                if calibrating:
+                    curves["compiled"], curves["compiled + calibrated"] = calibrated_sigma_sweep(
+                        result.model, device, sweep, result.x_calibration, x_test, test.y, args.sweep_samples,
+                        args.seed, progress=args.progress)
+                else:
+                    curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, test.y, args.sweep_samples,
+                                                     args.seed, progress=args.progress)
+            report_seconds = time.perf_counter() - evaluated
 
         hardware = result.hardware
-        print(f"\n{args.model} compiled for {device.describe()} on {train.name} ({len(train.y)} train, {len(test.y)} test images), "
-              f"seed {args.seed}, {total:.0f} s")
-        print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
-            [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
-            for label, s in rows.items()
-        ]))
+        print(f"\n{args.model} compiled for {device.describe()} on {train.name} ({len(train.y)} train, {len(test.y)} test "
+              f"images), seed {args.seed}: compile {compiled_seconds:.0f} s"
+              + (f", report {report_seconds:.0f} s" if rows else " (--no-report: no evaluation)"))
+        if rows:
+            print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
+                [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
+                for label, s in rows.items()
+            ]))
         if calibrating:
             print(f"calibration slots (rank): {', '.join(f'{layer} ({rank})' for layer, rank in result.ranks.items())}; "
                   f"each chip calibrated on {len(result.x_calibration)} unlabeled train images, "
@@ -487,12 +491,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
         write_json({
             "model": str(args.model), "output": str(out_path), "data": train.name, "device": device.describe(), "seed": args.seed,
             "options": _options(args),
-            "before": before.summary(), "after": after.summary(), "kept": result.kept,
-            **({"calibrated": calibrated.summary(), "ranks": result.ranks,
-                "calibration_images": len(result.x_calibration)} if calibrating else {}),
-            "hardware": hardware.to_dict(), "seconds": result.seconds, "total_seconds": total,
-            "selection": {name: {"kept": r.kept_layers, "values": dict(zip(r.layers, r.values)), "accuracy": r.accuracy, "overhead": r.overhead, "reward": r.reward,
-                                 "rewards_per_episode": r.rewards} for name, r in result.selection.items()},
+            **({"before": rows["original"].summary(), "after": rows["compiled"].summary()} if rows else {}),
+            **({"calibrated": rows["compiled + calibrated"].summary()} if rows and calibrating else {}),
+            "kept": result.kept, **({"ranks": result.ranks, "calibration_images": len(result.x_calibration)}
+                                    if calibrating else {}),
+            "hardware": hardware.to_dict(), "seconds": result.seconds, "compile_seconds": compiled_seconds,
+            "report_seconds": report_seconds,
+            "selection": {name: {"kept": r.kept_layers, "values": dict(zip(r.layers, r.values)), "accuracy": r.accuracy,
+                                 "overhead": r.overhead, "reward": r.reward, "rewards_per_episode": r.rewards}
+                          for name, r in result.selection.items()},
             "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in curves.items()},
         }, out["report"])
         print(f"\nmodel: {out_path}\nreport: {report_path}" + (f"\nplot: {plot_path}" if curves else "")
@@ -663,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--rl-chips", type=positive_int, default=8)
     co.add_argument("--rl-images", type=positive_int, default=2000)
     co.add_argument("--samples", type=positive_int, default=100, help="chips for the before/after evaluation")
+    co.add_argument("--no-report", action="store_true",
+                    help="skip the Monte Carlo report (table, sigma sweep, plot): compile and deploy only")
     co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
     co.add_argument("--sweep-samples", type=positive_int, default=20, help="chips per sigma in the sweep")
     co.add_argument("--tile", type=positive_int, default=128)

@@ -151,6 +151,8 @@ class MonteCarloEvaluator:
         self.noise = noise_inputs(self.varied_model)
         self.read_noise = [n for n in self.noise if n.noise.per == "inference"]
         self.exact = not varied.modified  # no layer has a device model: every chip is the clean model
+        # sigma = 0 and the like: every chip is programmed to the target weights, so all are one chip
+        self.identical_chips = self.exact or device.is_identity
         if self.read_noise:
             self.varied_session = make_session(self.varied_model)
         elif not self.exact:
@@ -198,6 +200,8 @@ class MonteCarloEvaluator:
         return _short_lived(_replaced(self.chip_model, digital) if digital else self.chip_model), dict
 
     def chip_accuracies(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> list[float]:
+        if self.identical_chips:  # every chip is the same chip: measure it once
+            return [self.chip_accuracy(x, y, seed, 0)] * samples
         chips = tqdm(range(samples), desc=desc, unit="chip", disable=not progress, leave=False)
         return [self.chip_accuracy(x, y, seed, chip) for chip in chips]
 

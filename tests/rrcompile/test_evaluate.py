@@ -86,6 +86,16 @@ def test_sigma_zero_chips_equal_clean_and_variation_costs_accuracy(digits):
     assert varied.mean < exact.clean_accuracy - 0.02
 
 
+def test_a_device_that_varies_nothing_is_measured_on_one_chip(digits, monkeypatch):
+    model, x, y = digits
+    evaluator = MonteCarloEvaluator(model, parse_device("lognormal:sigma=0"))
+    measured = []
+    original = evaluator.chip_accuracy
+    monkeypatch.setattr(evaluator, "chip_accuracy", lambda *args: measured.append(args[3]) or original(*args))
+    assert evaluator.chip_accuracies(x, y, 50, 0, progress=False) == [evaluator.clean_accuracy(x, y)] * 50
+    assert measured == [0]
+
+
 def test_chip_stats_summary():
     stats = ChipStats(0.9, [0.9, 0.86, 0.5, 0.8])
     assert stats.worst == 0.5

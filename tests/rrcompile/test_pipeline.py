@@ -104,3 +104,14 @@ def test_package_exposes_the_compiler():
     import rrcompile
 
     assert rrcompile.compile is compile and rrcompile.CompileOptions is CompileOptions
+
+
+def test_compile_without_report_writes_the_model_and_a_report_of_the_compile_only(tmp_path, capsys):
+    out = tmp_path / "digits.onnx"
+    assert main(["compile", str(DIGITS_MODEL), "-o", str(out), "--quiet", "--epochs", "1", "--episodes", "4",
+                 "--rl-chips", "2", "--rl-images", "200", "--no-report"]) == 0
+    report = json.loads((tmp_path / "digits.report.json").read_text())
+    assert "before" not in report and "calibrated" not in report and report["report_seconds"] == 0
+    assert report["compile_seconds"] > 0 and not (tmp_path / "digits.sigma.png").exists()
+    assert "--no-report" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
