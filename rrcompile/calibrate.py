@@ -181,8 +181,7 @@ def _columns(slot: Slot, y: torch.Tensor) -> torch.Tensor:
 def solve_tensors(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
                   config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(up, gain, offset) of ``slot`` for one chip, shaped like its initializers, from the chip's
-    layer input ``x`` and raw output ``y`` and the output ``ideal`` it should have given.
-    Differentiable in every argument, so training can calibrate in its forward pass."""
+    layer input ``x`` and raw output ``y`` and the output ``ideal`` it should have given."""
     raw, error = _columns(slot, y).double(), (_columns(slot, ideal) - _columns(slot, y)).double()
     # a rank-0 slot (gain and offset only) has no branch to run (torch has no 0-channel conv)
     features = _down(slot, x, down).double() if down.numel() else raw.new_zeros(len(raw), 0)
