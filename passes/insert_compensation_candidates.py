@@ -21,7 +21,7 @@ Rules:
 5. A conv candidate copies the layer's strides, pads and dilations; ``auto_pad`` becomes explicit
    pads from the inferred input shape. A layer is skipped, with a warning that says why, when its
    shape is unknown under ``auto_pad``, its conv is grouped, its Gemm has transA = 1, its MatMul
-   weight is not 2-D, or its weight is not float32.
+   weight is not 2-D, or its weight is not float32; with ``calibrated`` also a 3-d convolution.
 6. The functions used are added once to ``model.functions``, ``ai.rrcompile`` to the opset
    imports if missing; the result passes the full ONNX check.
 """
@@ -88,6 +88,8 @@ class InsertCompensationCandidatesPass(Pass):
             if rank == 0 and not self.calibrated:
                 continue
             skip, conv_attrs = self._skip_reason(node, layer, inits[layer.weight]), {}
+            if skip is None and self.calibrated and layer.op == "Conv" and len(layer.weight_shape) not in (3, 4):
+                skip = f"a {len(layer.weight_shape) - 2}-d convolution: calibration fits 1-d and 2-d ones"
             if skip is None and layer.op == "Conv":
                 conv_attrs, skip = self._conv_attrs(node, layer, shapes)
             if skip:

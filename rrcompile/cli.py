@@ -239,13 +239,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with outputs([*input_files(args, args.device), args.measured], planned) as out:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
-            calibrator = Calibrator(model)
+            # measured in one pass, the layers saw the uncalibrated chip's inputs: match W x on them
+            calibrator = Calibrator(model, CalibrationConfig(target="layer") if args.single_pass else CalibrationConfig())
             evaluator = MonteCarloEvaluator(model, device)
         if chip_id is not None:
             x_calibration = calibration_images(args, args.images, preprocess, evaluator)
             chip = SimulatedChip(model, device, *chip_id, varied=evaluator.varied_model)
             started = time.perf_counter()
-            calibration = calibrator.calibrate(chip, x_calibration)
+            if args.single_pass:  # as a bring-up without the compiler in the loop would: measure, then solve
+                calibration = calibrator.calibrate_measured(calibrator.calibrate(chip, x_calibration, solve_slots=False)
+                                                            .measurements, f"chip {args.chip}")
+            else:
+                calibration = calibrator.calibrate(chip, x_calibration)
             source = f"chip {chip_id[1]} of seed {chip_id[0]}, simulated ({device.describe()}), " \
                      f"on {len(x_calibration)} unlabeled train images"
         else:
@@ -613,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
     ca.add_argument("-o", "--output", required=True, help="the chip's calibrated ONNX graph")
     ca.add_argument("--dump-measurements", metavar="F.npz", help="also write what the simulated chip measured")
+    ca.add_argument("--single-pass", action="store_true",
+                    help="measurements from one pass of the uncalibrated chip (a real chip measured without "
+                         "rrcompile in the loop): each slot matches its layer's ideal W x on what the layer saw")
     _add_preprocess(ca)
     ca.add_argument("--json", help="write the report as JSON")
     _add_verbosity(ca)

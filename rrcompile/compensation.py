@@ -263,7 +263,7 @@ def rank_for_budget(layer: AnalogLayer, budget: float) -> int:
 class Candidate:
     layer: str  # the analog layer's node name
     node: str  # the compensation node's name
-    op: str  # ConvCompensation or DenseCompensation
+    op: str  # one of COMPENSATIONS
     rank: int
     weights: int  # digital weights: size of Wd + Wu (+ A + B when calibrated)
     macs: int | None  # per sample, None when the output shape is not known

@@ -27,10 +27,13 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from rrcompile.calibrate import CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, with_ranks
+from rrcompile.calibrate import (
+    CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, slots, with_ranks,
+)
 from rrcompile.compensate import CompensationConfig, train_compensation
 from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
+from rrcompile.errors import OptionError, UnsupportedModelError
 from rrcompile.finetune import FinetuneConfig, finetune, split_validation
 from rrcompile.graph import analog_layers
 from rrcompile.hardware import HardwareReport
@@ -100,7 +103,12 @@ def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
     every slot's gain and offset paid first: the choices the agent starts from."""
     layers = analog_layers(model)
     total = sum(layer.params for layer in layers)
-    left = budget * total - sum(slot_weights(layer, 0) for layer in layers)
+    floor = sum(slot_weights(layer, 0) for layer in layers)
+    if floor > budget * total:
+        raise OptionError(f"--budget {budget:g}: calibration needs at least {floor / total:.2%} of the analog weights "
+                          f"(a gain and an offset per column of every layer); raise the budget or use "
+                          f"--trained-compensation")
+    left = budget * total - floor
     return {layer.node: max([r for r in RANK_LEVELS if r <= layer.rows and r * (layer.rows + layer.cols) <= left] or [0])
             for layer in layers}
 
@@ -149,6 +157,9 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         x_calibration = x[:options.calibration_images]
         model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
             ranks=calibration_ranks(model, options.budget), calibrated=True, seed=options.seed)(model).model)
+        if not slots(model):
+            raise UnsupportedModelError("no analog layer could take a calibration slot (see the warnings); "
+                                        "compile with --no-compensation")
         model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
         env = stage("profile layers", lambda: CalibrationEnv(
             model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],

@@ -12,7 +12,8 @@ with ``overhead`` the kept candidates' digital weights over the analog weights (
 configuration above ``max_overhead`` (the user's budget) scores -1, below every valid one. The
 chips are drawn once (seeded) and reused for every configuration, so configurations are compared
 on the same hardware and the reward of a configuration is deterministic; it is computed once and
-cached. The candidates' gates switch them on and off inside one onnxruntime graph per chip.
+cached. The candidates' gates switch them on and off inside one onnxruntime graph per chip. In
+``CalibrationEnv`` a configuration is a rank per slot and its reward is measured on calibrated chips.
 
 The state of step ``t`` describes candidate ``t`` and the decisions so far (see ``FEATURES``):
 the layer's depth, op, parameter count, MACs and spectral norm, its measured sensitivity (the

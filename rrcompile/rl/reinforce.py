@@ -46,9 +46,12 @@ def _result(env: CompensationEnv, keep: Sequence[int], rewards: list[float]) -> 
 
 def reinforce(env: CompensationEnv, *, episodes: int = 60, lr: float = 0.05, seed: int = 0,
               baseline_decay: float = 0.8, progress: bool = True) -> SearchResult:
-    """Train a keep/drop policy for ``episodes`` episodes; return the best configuration seen."""
+    """Train a policy over each step's options (keep/drop, or a slot's rank) for ``episodes``
+    episodes; return the best configuration seen."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    if not env.steps:  # nothing to choose
+        return fixed(env, keep_all=False)
     widest = max(env.options(step) for step in range(env.steps))
     policy = torch.nn.Sequential(torch.nn.Linear(len(FEATURES), 16), torch.nn.Tanh(), torch.nn.Linear(16, widest))
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)

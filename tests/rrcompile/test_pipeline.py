@@ -14,6 +14,7 @@ from rrcompile.compensation import candidates
 from rrcompile.data import load_data
 from rrcompile.deploy import compiled_device
 from rrcompile.devices import is_variation, parse_device
+from rrcompile.errors import OptionError
 from rrcompile.finetune import FinetuneConfig
 from rrcompile.hardware import HardwareReport
 from rrcompile.pipeline import CompileOptions, compile
@@ -91,6 +92,12 @@ def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path,
     assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--device", "lognormal:sigma=0.1", "--quiet"]) == 2
     assert main(["deploy", str(tmp_path / "digits.sim.onnx"), "-o", str(tmp_path / "again.onnx")]) == 0
     onnx.checker.check_model(onnx.load(str(tmp_path / "again.onnx")), full_check=True)
+
+
+def test_a_budget_below_the_gain_and_offset_floor_is_refused(digits):
+    model, x, y = digits
+    with pytest.raises(OptionError, match="at least 1.36%"):
+        compile(model, x, y, small(budget=0.01), progress=False, log=lambda _: None)
 
 
 def test_compile_refuses_a_bad_budget_without_output(tmp_path, capsys):
