@@ -126,6 +126,54 @@ def _seconds_to_calibrate(model: onnx.ModelProto, options: CompileOptions, x_cal
     return time.perf_counter() - started
 
 
+def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bool):
+    """(model with a calibration slot per layer at the agent's ranks, selection, ranks, calibration images)."""
+    x_train, _, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
+    # the first images of the training data, as `rrcompile evaluate --calibrate` and `calibrate` take them
+    x_calibration = x[:options.calibration_images]
+    model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
+        ranks=calibration_ranks(model, options.budget), calibrated=True, seed=options.seed)(model).model)
+    if not slots(model):
+        raise UnsupportedModelError("no analog layer could take a calibration slot (see the warnings); "
+                                    "compile with --no-compensation")
+    model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
+    env = stage("profile layers", lambda: CalibrationEnv(
+        model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
+        chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, 0.1),
+        max_overhead=options.budget, calibration=options.calibration_config))
+    choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
+                   if options.rl else greedy_by_sensitivity(env, options.budget))
+    selection = {"none": fixed(env, keep_all=False), "greedy": greedy_by_sensitivity(env, options.budget),
+                 "rl" if options.rl else "chosen": choice}
+    ranks = env.rank_config(choice.keep)
+    return with_ranks(model, ranks), selection, ranks, x_calibration
+
+
+def _trained_compensation(model, x, y, options: CompileOptions, stage, progress: bool):
+    """(model with the kept trained compensation, selection, kept layers): the paper's method."""
+    x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
+    # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
+    # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
+    # 95.0% at weight 0.1, 93.9% at 1, over 8 validation chips), so the task loss trains alone
+    on_chips = options.noise_injection
+    train = dataclasses.replace(options.train, seed=options.seed,
+                                feature_weight=0.0 if on_chips else options.train.feature_weight)
+    model = stage("insert candidates", lambda: InsertCompensationCandidatesPass(options.budget, seed=options.seed)(model).model)
+    model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
+    env = stage("profile layers", lambda: CompensationEnv(
+        model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
+        seed=options.seed, overhead_weight=_overhead_weight(options, 0.5), max_overhead=options.budget))
+    choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
+                   if options.rl else fixed(env, keep_all=True))
+    selection = {"none": fixed(env, keep_all=False), "all": fixed(env, keep_all=True),
+                 "greedy": greedy_by_sensitivity(env, choice.overhead), "rl" if options.rl else "chosen": choice}
+    kept = choice.kept_layers
+    final = dataclasses.replace(train, epochs=options.final_epochs)
+    model = stage("final training", lambda: train_compensation(
+        SelectCompensationPass(kept)(model).model, options.device, x_train, y_train, final, progress=progress)[0])
+    return model, selection, kept
+
+
 def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: CompileOptions, *,
             progress: bool = True, log: Callable[[str], None] = print) -> CompileResult:
     """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``."""
@@ -150,53 +198,16 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         else None, calibration_images=options.calibration_images)
     if fine_tune and config.calibration is None:
         model = stage("fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
-    selection, kept, ranks, x_calibration = {}, [], {}, None
+    selection, kept, ranks, x_calibration, calibration_seconds = {}, [], {}, None, None
     if calibrating:
-        x_train, _, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
-        # the first images of the training data, as `rrcompile evaluate --calibrate` and `calibrate` take them
-        x_calibration = x[:options.calibration_images]
-        model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
-            ranks=calibration_ranks(model, options.budget), calibrated=True, seed=options.seed)(model).model)
-        if not slots(model):
-            raise UnsupportedModelError("no analog layer could take a calibration slot (see the warnings); "
-                                        "compile with --no-compensation")
-        model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
-        env = stage("profile layers", lambda: CalibrationEnv(
-            model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
-            chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, 0.1),
-            max_overhead=options.budget, calibration=options.calibration_config))
-        choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
-                       if options.rl else greedy_by_sensitivity(env, options.budget))
-        selection = {"none": fixed(env, keep_all=False), "greedy": greedy_by_sensitivity(env, options.budget),
-                     "rl" if options.rl else "chosen": choice}
-        ranks = env.rank_config(choice.keep)
+        model, selection, ranks, x_calibration = _calibration_slots(model, x, y, options, stage, progress)
         kept = [layer for layer, rank in ranks.items() if rank]
-        model = with_ranks(model, ranks)
         if fine_tune and config.calibration is not None:
             model = stage("fine-tune for calibration", lambda: finetune(model, x, y, config, progress=progress).model)
         calibration_seconds = _seconds_to_calibrate(model, options, x_calibration)
     elif options.compensation:
-        x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
-        # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
-        # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
-        # 95.0% at weight 0.1, 93.9% at 1, over 8 validation chips), so the task loss trains alone
-        on_chips = options.noise_injection
-        train = dataclasses.replace(options.train, seed=options.seed,
-                                    feature_weight=0.0 if on_chips else options.train.feature_weight)
-        model = stage("insert candidates", lambda: InsertCompensationCandidatesPass(options.budget, seed=options.seed)(model).model)
-        model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
-        env = stage("profile layers", lambda: CompensationEnv(
-            model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
-            seed=options.seed, overhead_weight=_overhead_weight(options, 0.5), max_overhead=options.budget))
-        choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
-                       if options.rl else fixed(env, keep_all=True))
-        selection = {"none": fixed(env, keep_all=False), "all": fixed(env, keep_all=True),
-                     "greedy": greedy_by_sensitivity(env, choice.overhead), "rl" if options.rl else "chosen": choice}
-        kept = choice.kept_layers
-        final = dataclasses.replace(train, epochs=options.final_epochs)
-        model = stage("final training", lambda: train_compensation(
-            SelectCompensationPass(kept)(model).model, options.device, x_train, y_train, final, progress=progress)[0])
+        model, selection, kept = _trained_compensation(model, x, y, options, stage, progress)
     deployed, hardware = stage("deploy", lambda: deploy(
         model, options.tile, device=options.device, calibration_images=len(x_calibration) if calibrating else None,
-        calibration_seconds=calibration_seconds if calibrating else None))
+        calibration_seconds=calibration_seconds))
     return CompileResult(model, deployed, hardware, seconds, selection, kept, ranks, x_calibration)
