@@ -215,6 +215,17 @@ CASES: dict[str, tuple[Callable[[], list[str]], str]] = {
     "--episodes 0": (lambda: ["compile", MODEL, "-o", "out.onnx", "--episodes", "0"], "argument --episodes"),
     "--tile 0": (lambda: ["deploy", MODEL, "-o", "out.onnx", "--tile", "0"], "argument --tile"),
     "--quiet with --verbose": (lambda: ["inspect", MODEL, "--quiet", "--verbose"], "not allowed with"),
+    # calibrate: the chip's graph never replaces the model, a bad chip or measurement file is one line
+    "calibrate -o is the input model": (lambda: ["calibrate", MODEL, "--chip", "0:1", "-o", MODEL], "would overwrite the input"),
+    "calibrate -o is the measurement file": (
+        lambda: _after(np.savez("m.npz", images=np.zeros((1, 1, 8, 8), np.float32)), "calibrate", MODEL, "--measured",
+                       "m.npz", "-o", "m.npz"), "would overwrite the input m.npz"),
+    "calibrate --chip not SEED:INDEX": (lambda: ["calibrate", MODEL, "--chip", "3", "-o", "out.onnx"], "--chip '3'"),
+    "calibrate a model without slots": (lambda: ["calibrate", MODEL, "--chip", "0:1", "-o", "out.onnx"],
+                                        "no calibratable compensation"),
+    "calibrate --dump-measurements without --chip": (
+        lambda: ["calibrate", MODEL, "--measured", "m.npz", "-o", "out.onnx", "--dump-measurements", "x.npz"], "give --chip"),
+    "evaluate --calibrate 0": (lambda: ["evaluate", MODEL, "--calibrate", "0"], "argument --calibrate"),
 }
 
 
