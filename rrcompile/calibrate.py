@@ -45,12 +45,14 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from tqdm import tqdm
 
 from rrcompile.compensation import Candidate, calibration_kind, candidates
 from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
 from rrcompile.errors import DataError
-from rrcompile.evaluate import draw_chip
+from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, draw_chip
 from rrcompile.graph import RRCOMPILE_DOMAIN, AnalogLayer, analog_layers, model_io, remove_unused_functions
+from rrcompile.io import atomic_write
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 
@@ -404,8 +406,6 @@ def load_measurements(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_measurements(measurements: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    from rrcompile.io import atomic_write
-
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **measurements)
@@ -452,8 +452,6 @@ class CalibratedEvaluator:
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray,
                  config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = 500):
-        from rrcompile.evaluate import MonteCarloEvaluator
-
         self.model, self.device, self.x_calibration = model, device, x_calibration
         self.calibrator = Calibrator(model, config)
         self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)
@@ -466,12 +464,8 @@ class CalibratedEvaluator:
         return self.evaluator.chip_accuracy(x, y, seed, chip, self.calibrate(seed, chip).values)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, samples: int, seed: int, *, progress: bool = True,
-                 desc: str = "chips") -> tuple["ChipStats", "ChipStats"]:
+                 desc: str = "chips") -> tuple[ChipStats, ChipStats]:
         """(uncalibrated, calibrated) statistics over chips ``0 .. samples - 1``."""
-        from tqdm import tqdm
-
-        from rrcompile.evaluate import ChipStats
-
         clean = self.evaluator.clean_accuracy(x, y)
         raw, calibrated = [], []
         # without variation every chip is the same chip: measure and calibrate one

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, slot_weights, with_ranks
 from rrcompile.compensation import Candidate, candidates
 from rrcompile.devices import DeviceConfig
 from rrcompile.evaluate import MonteCarloEvaluator, make_session, session_accuracy
@@ -210,12 +211,9 @@ class CalibrationEnv(CompensationEnv):
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray, x: np.ndarray,
                  y: np.ndarray, *, chips: int = 4, seed: int = 0, overhead_weight: float = 1.0,
-                 max_overhead: float = 1.0, batch_size: int = 500, calibration=None):
-        from rrcompile.calibrate import CalibrationConfig, slot_weights
-
+                 max_overhead: float = 1.0, batch_size: int = 500, calibration: CalibrationConfig | None = None):
         self.model, self.device, self.x_calibration = model, device, x_calibration
         self.calibration = calibration or CalibrationConfig()
-        self._slot_weights = slot_weights
         super().__init__(model, device, x, y, chips=chips, seed=seed, overhead_weight=overhead_weight,
                          max_overhead=max_overhead, batch_size=batch_size)
         self._chip_sessions = None
@@ -233,7 +231,7 @@ class CalibrationEnv(CompensationEnv):
         return {c.layer: self.ranks[step][k] for step, (c, k) in enumerate(zip(self.candidates, keep))}
 
     def overhead(self, keep: Sequence[int]) -> float:
-        return sum(self._slot_weights(layer, ranks[k]) for layer, ranks, k in zip(self.layers, self.ranks, keep)) \
+        return sum(slot_weights(layer, ranks[k]) for layer, ranks, k in zip(self.layers, self.ranks, keep)) \
             / self.analog_weights
 
     def _score(self, keep: tuple[int, ...]) -> tuple[float, float]:
@@ -242,8 +240,6 @@ class CalibrationEnv(CompensationEnv):
             if overhead > self.max_overhead + 1e-12:  # not worth calibrating: it may not be kept anyway
                 self._rewards[keep] = (float("nan"), -1.0)
             else:
-                from rrcompile.calibrate import CalibratedEvaluator, with_ranks
-
                 evaluator = CalibratedEvaluator(with_ranks(self.model, self.rank_config(keep)), self.device,
                                                 self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size)
                 accuracy = float(np.mean([evaluator.chip_accuracy(self.x, self.y, self.seed, VALIDATION_CHIPS_FROM + chip)
