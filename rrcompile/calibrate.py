@@ -51,7 +51,9 @@ from rrcompile.compensation import Candidate, calibration_kind, candidates
 from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
 from rrcompile.errors import DataError
 from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, draw_chip
-from rrcompile.graph import RRCOMPILE_DOMAIN, AnalogLayer, analog_layers, model_io, remove_unused_functions
+from rrcompile.graph import (
+    RRCOMPILE_DOMAIN, AnalogLayer, analog_layers, model_io, remove_unused_functions, with_initializers,
+)
 from rrcompile.io import atomic_write
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
@@ -276,11 +278,7 @@ class ChipCalibration:
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with this chip's parameters in its initializers: the chip's own graph."""
-        calibrated = onnx.ModelProto.FromString(model.SerializeToString())
-        for initializer in calibrated.graph.initializer:
-            if initializer.name in self.values:
-                initializer.CopyFrom(numpy_helper.from_array(self.values[initializer.name], initializer.name))
-        return calibrated
+        return with_initializers(model, self.values)
 
 
 class Calibrator:

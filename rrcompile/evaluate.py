@@ -19,15 +19,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from tqdm import tqdm
 
 from rrcompile.data import batches, fit_to_input
 from rrcompile.devices import DeviceConfig, noise_inputs
-from rrcompile.errors import UnsupportedModelError
-from rrcompile.graph import analog_layers, export_graph, import_graph, model_io, remove_unused_functions
+from rrcompile.graph import (
+    analog_layers, export_graph, import_graph, model_io, remove_unused_functions, with_initializers,
+)
 from rrcompile.passes.insert_variation import InsertVariationPass
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
@@ -187,17 +187,18 @@ class MonteCarloEvaluator:
         calibration's per-chip compensation parameters).
         """
         if self.exact:
-            return (self.clean_session if not digital else _short_lived(_replaced(self.varied_model, digital))), dict
+            session = self.clean_session if not digital else _short_lived(with_initializers(self.varied_model, digital))
+            return session, dict
         feed = self.chip_feed(seed, chip)
         if self.read_noise:
             read_rng = np.random.default_rng([seed, chip, 1])
-            session = self.varied_session if not digital else _short_lived(_replaced(self.varied_model, digital))
+            session = self.varied_session if not digital else _short_lived(with_initializers(self.varied_model, digital))
             return session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
         for initializer, weight in zip(self.programmed_initializers, self.program_session.run(None, feed)):
             initializer.raw_data = weight.astype(np.float32, copy=False).tobytes()
         # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
         # the model's own initializer data, so an override gives wrong results
-        return _short_lived(_replaced(self.chip_model, digital) if digital else self.chip_model), dict
+        return _short_lived(with_initializers(self.chip_model, digital) if digital else self.chip_model), dict
 
     def chip_accuracies(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> list[float]:
         if self.identical_chips:  # every chip is the same chip: measure it once
@@ -212,18 +213,6 @@ class MonteCarloEvaluator:
 
 def _short_lived(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), _session_options(short_lived=True), providers=["CPUExecutionProvider"])
-
-
-def _replaced(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``values`` hold those values."""
-    copy = onnx.ModelProto.FromString(model.SerializeToString())
-    unknown = set(values) - {t.name for t in copy.graph.initializer}
-    if unknown:
-        raise UnsupportedModelError(f"no initializer named {', '.join(sorted(unknown))} in the model")
-    for initializer in copy.graph.initializer:
-        if initializer.name in values:
-            initializer.CopyFrom(onnx.numpy_helper.from_array(np.asarray(values[initializer.name], np.float32), initializer.name))
-    return copy
 
 
 def sigma_sweep(

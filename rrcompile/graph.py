@@ -14,6 +14,8 @@ from typing import Any, Callable, Collection, Mapping
 import networkx as nx
 import numpy as np
 import onnx
+import onnx.helper
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 
 from rrcompile.errors import UnsupportedModelError
@@ -169,6 +171,21 @@ def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         layers.append(AnalogLayer(node.name, node.op_type, weight, bias, shape, rows, cols))
     return layers
+
+
+def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold those values, each in the
+    initializer's own dtype and shape (trained weights, a chip's calibration)."""
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    unknown = set(values) - {t.name for t in copy.graph.initializer}
+    if unknown:
+        raise UnsupportedModelError(f"no initializer named {', '.join(sorted(unknown))} in the model")
+    for initializer in copy.graph.initializer:
+        if initializer.name in values:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+            value = np.asarray(values[initializer.name]).astype(dtype).reshape(tuple(initializer.dims))
+            initializer.CopyFrom(onnx.numpy_helper.from_array(value, initializer.name))
+    return copy
 
 
 def keep_where(field, predicate: Callable[[Any], bool]) -> None:

@@ -39,6 +39,7 @@ from rrcompile.devices import BY_OP_TYPE, noise_inputs
 from rrcompile.errors import UnsupportedModelError
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, default_opset, is_default_domain, model_io,
+    with_initializers,
 )
 
 Tensor = torch.Tensor
@@ -575,12 +576,5 @@ class TorchGraph(torch.nn.Module):
 
 def write_back(module: TorchGraph, model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers hold ``module``'s trained parameters (same names, dtypes)."""
-    trained = {name: p.detach().cpu().numpy()
-               for name, p in [*module.named_onnx_parameters(), *module.layer_initializers()]}
-    result = onnx.ModelProto.FromString(model.SerializeToString())
-    for initializer in result.graph.initializer:
-        if initializer.name in trained:
-            dtype = helper.tensor_dtype_to_np_dtype(initializer.data_type)
-            initializer.CopyFrom(numpy_helper.from_array(
-                trained[initializer.name].astype(dtype).reshape(tuple(initializer.dims)), initializer.name))
-    return result
+    return with_initializers(model, {name: p.detach().cpu().numpy()
+                                     for name, p in [*module.named_onnx_parameters(), *module.layer_initializers()]})
