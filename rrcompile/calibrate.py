@@ -537,6 +537,9 @@ def fit_projections(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray,
         values = graph(torch.from_numpy(np.ascontiguousarray(x, np.float32)), outputs=list(inputs.values()))
     inits = {t.name: t for t in model.graph.initializer}
     deviation = {s.layer.node: np.zeros(s.layer.rows) for s in found}
+    transposed = {s.layer.node: _transposed(model, s.layer) for s in found}
+    targets = {s.layer.node: _weight_matrix(s.layer, numpy_helper.to_array(inits[s.layer.weight]), transposed[s.layer.node])
+               for s in found}
     varied = InsertVariationPass(device)(model)
     draws = noise_inputs(varied.model) if varied.modified else []
     generator = np.random.default_rng([seed, 0xF17])
@@ -544,13 +547,10 @@ def fit_projections(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray,
         feed = {n.name: n.noise.draw(generator, n.shape) for n in draws if n.noise.per == "chip"}
         programmed = programmed_weights(model, device, feed, generator)
         for slot in found:
-            if slot.layer.node not in programmed:
-                continue
-            node = slot.layer
-            transposed = _transposed(model, node)
-            target = _weight_matrix(node, numpy_helper.to_array(inits[node.weight]), transposed)
-            chip = _weight_matrix(node, programmed[node.node], transposed)
-            deviation[node.node] += ((chip - target).astype(np.float64) ** 2).sum(axis=1) / chips
+            layer = slot.layer.node
+            if layer in programmed:
+                chip = _weight_matrix(slot.layer, programmed[layer], transposed[layer])
+                deviation[layer] += ((chip - targets[layer]).astype(np.float64) ** 2).sum(axis=1) / chips
     torch_generator = torch.Generator().manual_seed(seed)
     result = onnx.ModelProto.FromString(model.SerializeToString())
     by_name = {t.name: t for t in result.graph.initializer}

@@ -73,8 +73,7 @@ class CompensationEnv:
         self.analog_weights = sum(layer.params for layer in analog_layers(model))
         self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)
         self.chips, self.seed = chips, seed
-        # without read noise a chip is a fixed session: build each once for all configurations
-        self._chip_sessions = None if self.evaluator.read_noise else [self.evaluator.chip(seed, c) for c in range(chips)]
+        self._chip_sessions: list | None = None
         self._rewards: dict[tuple[int, ...], tuple[float, float]] = {}
         all_off = self.gates(tuple(0 for _ in self.candidates))
         self.profiles = _profiles(model, device, self.candidates, x, y, chips, seed, all_off, batch_size)
@@ -118,6 +117,9 @@ class CompensationEnv:
 
     def _score(self, keep: tuple[int, ...]) -> tuple[float, float]:
         if keep not in self._rewards:
+            # without read noise a chip is a fixed session: build each once for all configurations
+            if self._chip_sessions is None and not self.evaluator.read_noise:
+                self._chip_sessions = [self.evaluator.chip(self.seed, c) for c in range(self.chips)]
             accuracy = _mean_chip_accuracy(self.evaluator, self.x, self.y, self.chips, self.seed, self.gates(keep),
                                            self._chip_sessions)
             overhead = self.overhead(keep)
@@ -216,7 +218,6 @@ class CalibrationEnv(CompensationEnv):
         self.calibration = calibration or CalibrationConfig()
         super().__init__(model, device, x, y, chips=chips, seed=seed, overhead_weight=overhead_weight,
                          max_overhead=max_overhead, batch_size=batch_size)
-        self._chip_sessions = None
         layers = {layer.node: layer for layer in analog_layers(model)}
         self.layers = [layers[c.layer] for c in self.candidates]
         self.ranks = [[r for r in RANK_LEVELS if r <= c.rank] for c in self.candidates]
