@@ -20,14 +20,14 @@ import onnx
 from rrcompile.compensation import COMPENSATIONS, is_compensation
 from rrcompile.devices import is_variation
 from rrcompile.graph import analog_layers, keep_where
-from rrcompile.hardware import METADATA_KEY, HardwareReport
+from rrcompile.hardware import DEFAULT_TILE, METADATA_KEY, HardwareReport
 from rrcompile.pass_manager import Pass, PassResult
 
 
 class TagHardwarePass(Pass):
     in_place = True
 
-    def __init__(self, tile: int = 128, *, calibration_images: int | None = None,
+    def __init__(self, tile: int = DEFAULT_TILE, *, calibration_images: int | None = None,
                  calibration_seconds: float | None = None):
         if tile < 1:
             raise ValueError(f"tile must be >= 1, got {tile}")

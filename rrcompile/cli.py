@@ -33,7 +33,7 @@ from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, analog_layers, default_opset, macs_per_sample, model_io, set_library_logging, tensor_shapes,
 )
-from rrcompile.hardware import HardwareReport
+from rrcompile.hardware import DEFAULT_TILE, HardwareReport
 from rrcompile.io import load_model, outputs, save_model
 from rrcompile.lipschitz import FORMS, LipschitzPenalty
 from rrcompile.passes.insert_variation import InsertVariationPass
@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the Monte Carlo report (table, sigma sweep, plot): compile and deploy only")
     co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
     co.add_argument("--sweep-samples", type=positive_int, default=20, help="chips per sigma in the sweep")
-    co.add_argument("--tile", type=positive_int, default=128)
+    co.add_argument("--tile", type=positive_int, default=DEFAULT_TILE)
     co.add_argument("--batch-size", type=positive_int, default=128)
     co.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
     co.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
@@ -694,14 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("deploy", help="strip simulation ops, tag analog/digital nodes, report crossbar tiles")
     de.add_argument("model")
     de.add_argument("-o", "--output", required=True)
-    de.add_argument("--tile", type=positive_int, default=128)
+    de.add_argument("--tile", type=positive_int, default=DEFAULT_TILE)
     de.add_argument("--json", help="write the hardware report as JSON")
     _add_verbosity(de)
     de.set_defaults(run=cmd_deploy)
 
     ins = sub.add_parser("inspect", help="list a model's analog layers, opset, inputs and outputs")
     ins.add_argument("model")
-    ins.add_argument("--tile", type=positive_int, default=128, help="crossbar tile size (rows = columns)")
+    ins.add_argument("--tile", type=positive_int, default=DEFAULT_TILE, help="crossbar tile size (rows = columns)")
     ins.add_argument("--json", help="write the layer table as JSON")
     _add_verbosity(ins)
     ins.set_defaults(run=cmd_inspect)

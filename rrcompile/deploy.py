@@ -1,6 +1,6 @@
 """Deployment: the graph a chip runs, tagged with where each node executes, and its hardware cost.
 
-    deployed, report = deploy(compensated_model, tile=128)
+    deployed, report = deploy(compensated_model)  # crossbar tiles of DEFAULT_TILE x DEFAULT_TILE cells
 
 ``deploy`` strips the simulation (variation ops, noise inputs; compensation gates become constants)
 and tags every node: analog layers with their crossbar tiles, compensation and everything else as
@@ -17,7 +17,7 @@ import onnx
 
 from rrcompile.devices import DeviceConfig
 from rrcompile.graph import keep_where
-from rrcompile.hardware import HardwareReport
+from rrcompile.hardware import DEFAULT_TILE, HardwareReport
 from rrcompile.pass_manager import PassManager
 from rrcompile.passes.strip_simulation import StripSimulationPass
 from rrcompile.passes.tag_hardware import TagHardwarePass
@@ -25,7 +25,7 @@ from rrcompile.passes.tag_hardware import TagHardwarePass
 DEVICE_KEY = "rrcompile.device"
 
 
-def deploy(model: onnx.ModelProto, tile: int = 128, *, device: DeviceConfig | None = None,
+def deploy(model: onnx.ModelProto, tile: int = DEFAULT_TILE, *, device: DeviceConfig | None = None,
            calibration_images: int | None = None, calibration_seconds: float | None = None,
            ) -> tuple[onnx.ModelProto, HardwareReport]:
     """The chip's graph of a (varied, compensated) model: StripSimulationPass then TagHardwarePass;

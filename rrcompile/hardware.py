@@ -14,6 +14,8 @@ import onnx
 from rrcompile.compensation import candidates
 from rrcompile.graph import analog_layers
 
+DEFAULT_TILE = 128  # crossbar tile side (rows = columns) when none is given: the CLI's --tile and every API default
+
 METADATA_KEY = "rrcompile.hardware"
 
 
@@ -49,7 +51,7 @@ class HardwareReport:
     calibration_seconds: float | None = None  # per chip on the compiling machine, when measured
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, tile: int = 128, *, calibration_images: int | None = None,
+    def of(cls, model: onnx.ModelProto, tile: int = DEFAULT_TILE, *, calibration_images: int | None = None,
            calibration_seconds: float | None = None) -> "HardwareReport":
         layers = tuple(
             LayerHardware(layer.node, layer.op, layer.weight_shape, layer.params, layer.rows, layer.cols, layer.tiles(tile))

@@ -36,7 +36,7 @@ from rrcompile.devices import DeviceConfig
 from rrcompile.errors import OptionError, UnsupportedModelError
 from rrcompile.finetune import FinetuneConfig, finetune, split_validation
 from rrcompile.graph import analog_layers
-from rrcompile.hardware import HardwareReport
+from rrcompile.hardware import DEFAULT_TILE, HardwareReport
 from rrcompile.lipschitz import LipschitzPenalty
 from rrcompile.passes.canonicalize import CanonicalizePass
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
@@ -82,7 +82,7 @@ class CompileOptions:
     overhead_weight: float | None = None
     rl_chips: int = 8
     rl_images: int = 2000
-    tile: int = 128
+    tile: int = DEFAULT_TILE
     seed: int = 0
 
 
