@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -28,7 +29,7 @@ from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_d
 from rrcompile.deploy import compiled_device, deploy
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
-from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
+from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, analog_layers, default_opset, macs_per_sample, model_io, set_library_logging, tensor_shapes,
@@ -43,6 +44,8 @@ from rrcompile.report import format_table, percent, write_json
 
 
 DEFAULT_DEVICE = "lognormal:sigma=0.5"
+DEFAULT_DATA = "digits"  # embedded in scikit-learn: every command runs without a download
+CHIPS = 100  # simulated chips of evaluate and of compile's report
 MAX_SWEEP_POINTS = 1000  # each point is a full Monte Carlo run; more is a typo, not a plan
 NO_ANALOG_LAYER = "no analog layer (Conv, Gemm or MatMul with a constant weight) in the model"
 KNOWN_DOMAINS = ("", "ai.onnx", RRCOMPILE_DOMAIN)
@@ -331,10 +334,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    if args.lipschitz_form not in FORMS:
-        raise OptionError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
-    config = FinetuneConfig(
+def _check_lipschitz_form(form: str) -> None:
+    if form not in FORMS:
+        raise OptionError(f"--lipschitz-form {form!r}: expected one of {', '.join(FORMS)}")
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`~rrcompile.finetune.FinetuneConfig` that ``finetune``'s command line asks for."""
+    _check_lipschitz_form(args.lipschitz_form)
+    return FinetuneConfig(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction,
         patience=args.patience, seed=args.seed,
         lipschitz=LipschitzPenalty(args.lipschitz, args.lipschitz_form, args.lipschitz_target) if args.lipschitz else None,
@@ -342,6 +350,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         validation_device=None if args.device == "none" else parse_device(args.device),
         validation_chips=args.validation_chips,
     )
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    config = finetune_config(args)
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     device_specs = (args.noise_injection, None if args.device == "none" else args.device)
     with outputs(input_files(args, *device_specs), {"-o": args.output, "--json": args.json}) as out:
@@ -398,12 +410,10 @@ def _options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("run", "command", "progress")}
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    device = parse_device(args.device)
-    sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
-    if args.lipschitz_form not in FORMS:
-        raise OptionError(f"--lipschitz-form {args.lipschitz_form!r}: expected one of {', '.join(FORMS)}")
-    options = pipeline.CompileOptions(
+def compile_options(args: argparse.Namespace, device: DeviceConfig) -> pipeline.CompileOptions:
+    """The :class:`~rrcompile.pipeline.CompileOptions` that ``compile``'s command line asks for."""
+    _check_lipschitz_form(args.lipschitz_form)
+    return pipeline.CompileOptions(
         device, lipschitz=not args.no_lipschitz, noise_injection=not args.no_noise_injection,
         compensation=not args.no_compensation, rl=not args.no_rl,
         finetune=FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size), beta=args.lipschitz,
@@ -412,12 +422,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
         final_epochs=args.final_epochs, episodes=args.episodes, overhead_weight=args.overhead_weight,
         rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed,
         calibration=not args.trained_compensation, calibration_images=args.calibration_images)
-    calibrating = options.compensation and options.calibration
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """One ``rrcompile compile`` run: what it compiled, and the Monte Carlo report measured after."""
+
+    args: argparse.Namespace
+    device: DeviceConfig
+    train: Dataset
+    test: Dataset
+    result: pipeline.CompileResult
+    calibrating: bool  # calibration slots (else trained compensation, or none)
+    compile_seconds: float
+    rows: dict[str, ChipStats] = dataclasses.field(default_factory=dict)  # original, compiled (+ calibrated)
+    curves: dict[str, dict[float, ChipStats]] = dataclasses.field(default_factory=dict)  # the same against sigma
+    report_seconds: float = 0.0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    device = parse_device(args.device)
+    sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
+    options = compile_options(args, device)
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     out_path = Path(args.output)
-    report_path, plot_path = out_path.with_suffix(".report.json"), out_path.with_suffix(".sigma.png")
-    planned = {"-o": out_path, "--simulate-output": args.simulate_output, "report": report_path,
-               "plot": plot_path if sweep and not args.no_report else None}
+    planned = {"-o": out_path, "--simulate-output": args.simulate_output, "report": out_path.with_suffix(".report.json"),
+               "plot": out_path.with_suffix(".sigma.png") if sweep and not args.no_report else None}
     with outputs(input_files(args, args.device), planned) as out:
         with about(args.model):
             original = pipeline.canonicalize(load_model(args.model))
@@ -434,82 +464,98 @@ def cmd_compile(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         with about(args.model):
             result = pipeline.compile(original, x_train, train.y, options, progress=args.progress, log=log)
-        compiled_seconds = time.perf_counter() - started
-        rows, curves, report_seconds = {}, {}, 0.0
+        run = _Compiled(args, device, train, test, result, options.compensation and options.calibration,
+                        time.perf_counter() - started)
         if not args.no_report:
             log("[*] report: Monte Carlo evaluation on the test set ...")
-            evaluated = time.perf_counter()
-            rows["original"] = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed,
-                                                                              progress=args.progress)
-            if calibrating:
-                rows["compiled"], rows["compiled + calibrated"] = CalibratedEvaluator(
-                    result.model, device, result.x_calibration).evaluate(x_test, test.y, args.samples, args.seed,
-                                                                         progress=args.progress)
-            else:
-                rows["compiled"] = MonteCarloEvaluator(result.model, device).evaluate(x_test, test.y, args.samples,
-                                                                                      args.seed, progress=args.progress)
-            if sweep:
-                curves["original"] = sigma_sweep(original, device, sweep, x_test, test.y, args.sweep_samples, args.seed,
-                                                 progress=args.progress)
-                if calibrating:
-                    curves["compiled"], curves["compiled + calibrated"] = calibrated_sigma_sweep(
-                        result.model, device, sweep, result.x_calibration, x_test, test.y, args.sweep_samples,
-                        args.seed, progress=args.progress)
-                else:
-                    curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, test.y, args.sweep_samples,
-                                                     args.seed, progress=args.progress)
-            report_seconds = time.perf_counter() - evaluated
-
-        hardware = result.hardware
-        print(f"\n{args.model} compiled for {device.describe()} on {train.name} ({len(train.y)} train, {len(test.y)} test "
-              f"images), seed {args.seed}: compile {compiled_seconds:.0f} s"
-              + (f", report {report_seconds:.0f} s" if rows else " (--no-report: no evaluation)"))
-        if rows:
-            print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
-                [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
-                for label, s in rows.items()
-            ]))
-        if calibrating:
-            print(f"calibration slots (rank): {', '.join(f'{layer} ({rank})' for layer, rank in result.ranks.items())}; "
-                  f"each chip calibrated on {len(result.x_calibration)} unlabeled train images, "
-                  f"{hardware.calibration_seconds:.2f} s a chip here")
-        else:
-            print(f"compensation: {', '.join(result.kept) or 'none'} kept")
-        print(f"{hardware.digital_weights:,} digital weights over {hardware.analog_weights:,} analog "
-              f"({hardware.overhead_percent:.2f}%), {sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
-        if result.selection:
-            scored = "calibrated validation chips, before fine-tuning" if calibrating else "validation chips"
-            print(f"\nselection on the {scored} (reward = accuracy - overhead_weight x overhead)")
-            print(format_table(["strategy", "ranks" if calibrating else "kept", "val accuracy", "overhead", "reward"], [
-                [name, _choice(r, calibrating), percent(r.accuracy), percent(r.overhead),
-                 f"{r.reward:.4f}" if r.overhead <= args.budget else "over budget"]
-                for name, r in result.selection.items()
-            ], "llrrr"))
-        print("\ntime per stage")
-        print(format_table(["stage", "seconds"], [[name, f"{sec:.1f}"] for name, sec in result.seconds.items()]))
+            _evaluate_compiled(run, original, x_test, sweep)
+        _print_compiled(run)
 
         save_model(result.deployed, out["-o"])
         if args.simulate_output:
             save_model(InsertVariationPass(device)(result.model).model, out["--simulate-output"])
-        if curves:
-            plot_sigma_sweep(curves, out["plot"], f"{Path(args.model).name}: {' vs '.join(curves)}")
-        write_json({
-            "model": str(args.model), "output": str(out_path), "data": train.name, "device": device.describe(), "seed": args.seed,
-            "options": _options(args),
-            **({"before": rows["original"].summary(), "after": rows["compiled"].summary()} if rows else {}),
-            **({"calibrated": rows["compiled + calibrated"].summary()} if rows and calibrating else {}),
-            "kept": result.kept, **({"ranks": result.ranks, "calibration_images": len(result.x_calibration)}
-                                    if calibrating else {}),
-            "hardware": hardware.to_dict(), "seconds": result.seconds, "compile_seconds": compiled_seconds,
-            "report_seconds": report_seconds,
-            "selection": {name: {"kept": r.kept_layers, "values": dict(zip(r.layers, r.values)), "accuracy": r.accuracy,
-                                 "overhead": r.overhead, "reward": r.reward, "rewards_per_episode": r.rewards}
-                          for name, r in result.selection.items()},
-            "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in curves.items()},
-        }, out["report"])
-        print(f"\nmodel: {out_path}\nreport: {report_path}" + (f"\nplot: {plot_path}" if curves else "")
+        if run.curves:
+            plot_sigma_sweep(run.curves, out["plot"], f"{Path(args.model).name}: {' vs '.join(run.curves)}")
+        write_json(_compiled_report(run), out["report"])
+        print(f"\nmodel: {out_path}\nreport: {planned['report']}" + (f"\nplot: {planned['plot']}" if run.curves else "")
               + (f"\nsimulation graph: {args.simulate_output}" if args.simulate_output else ""))
     return 0
+
+
+def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep: list[float]) -> None:
+    """Fill ``run``'s rows and curves: the original and the compiled model over the same chips of the test set."""
+    args, device, result, y_test = run.args, run.device, run.result, run.test.y
+    started = time.perf_counter()
+    run.rows["original"] = MonteCarloEvaluator(original, device).evaluate(x_test, y_test, args.samples, args.seed,
+                                                                          progress=args.progress)
+    if run.calibrating:
+        run.rows["compiled"], run.rows["compiled + calibrated"] = CalibratedEvaluator(
+            result.model, device, result.x_calibration).evaluate(x_test, y_test, args.samples, args.seed,
+                                                                 progress=args.progress)
+    else:
+        run.rows["compiled"] = MonteCarloEvaluator(result.model, device).evaluate(x_test, y_test, args.samples,
+                                                                                  args.seed, progress=args.progress)
+    if sweep:
+        run.curves["original"] = sigma_sweep(original, device, sweep, x_test, y_test, args.sweep_samples, args.seed,
+                                             progress=args.progress)
+        if run.calibrating:
+            run.curves["compiled"], run.curves["compiled + calibrated"] = calibrated_sigma_sweep(
+                result.model, device, sweep, result.x_calibration, x_test, y_test, args.sweep_samples,
+                args.seed, progress=args.progress)
+        else:
+            run.curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, y_test, args.sweep_samples,
+                                                 args.seed, progress=args.progress)
+    run.report_seconds = time.perf_counter() - started
+
+
+def _print_compiled(run: _Compiled) -> None:
+    """The compile's summary: accuracy table, slots or kept compensation, overhead, selection, time per stage."""
+    args, result, hardware, calibrating = run.args, run.result, run.result.hardware, run.calibrating
+    print(f"\n{args.model} compiled for {run.device.describe()} on {run.train.name} ({len(run.train.y)} train, "
+          f"{len(run.test.y)} test images), seed {args.seed}: compile {run.compile_seconds:.0f} s"
+          + (f", report {run.report_seconds:.0f} s" if run.rows else " (--no-report: no evaluation)"))
+    if run.rows:
+        print(format_table(["", "clean", "mean", "5th pct", "worst", f"yield ({args.samples} chips)"], [
+            [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
+            for label, s in run.rows.items()
+        ]))
+    if calibrating:
+        print(f"calibration slots (rank): {', '.join(f'{layer} ({rank})' for layer, rank in result.ranks.items())}; "
+              f"each chip calibrated on {len(result.x_calibration)} unlabeled train images, "
+              f"{hardware.calibration_seconds:.2f} s a chip here")
+    else:
+        print(f"compensation: {', '.join(result.kept) or 'none'} kept")
+    print(f"{hardware.digital_weights:,} digital weights over {hardware.analog_weights:,} analog "
+          f"({hardware.overhead_percent:.2f}%), {sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
+    if result.selection:
+        scored = "calibrated validation chips, before fine-tuning" if calibrating else "validation chips"
+        print(f"\nselection on the {scored} (reward = accuracy - overhead_weight x overhead)")
+        print(format_table(["strategy", "ranks" if calibrating else "kept", "val accuracy", "overhead", "reward"], [
+            [name, _choice(r, calibrating), percent(r.accuracy), percent(r.overhead),
+             f"{r.reward:.4f}" if r.overhead <= args.budget else "over budget"]
+            for name, r in result.selection.items()
+        ], "llrrr"))
+    print("\ntime per stage")
+    print(format_table(["stage", "seconds"], [[name, f"{sec:.1f}"] for name, sec in result.seconds.items()]))
+
+
+def _compiled_report(run: _Compiled) -> dict:
+    """``OUT.report.json``: the options, the accuracy before and after, the choices, the hardware and the times."""
+    args, result, rows = run.args, run.result, run.rows
+    return {
+        "model": str(args.model), "output": str(Path(args.output)), "data": run.train.name, "device": run.device.describe(),
+        "seed": args.seed, "options": _options(args),
+        **({"before": rows["original"].summary(), "after": rows["compiled"].summary()} if rows else {}),
+        **({"calibrated": rows["compiled + calibrated"].summary()} if rows and run.calibrating else {}),
+        "kept": result.kept, **({"ranks": result.ranks, "calibration_images": len(result.x_calibration)}
+                                if run.calibrating else {}),
+        "hardware": result.hardware.to_dict(), "seconds": result.seconds, "compile_seconds": run.compile_seconds,
+        "report_seconds": run.report_seconds,
+        "selection": {name: {"kept": r.kept_layers, "values": dict(zip(r.layers, r.values)), "accuracy": r.accuracy,
+                             "overhead": r.overhead, "reward": r.reward, "rewards_per_episode": r.rewards}
+                      for name, r in result.selection.items()},
+        "sigma_sweep": {label: [{"sigma": s, **r.summary()} for s, r in curve.items()] for label, curve in run.curves.items()},
+    }
 
 
 def _choice(result: SearchResult, calibrating: bool) -> str:
@@ -588,15 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Monte Carlo accuracy of a model over simulated RRAM chips")
     ev.add_argument("model", help="ONNX classifier")
-    ev.add_argument("--data", default="digits", help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | npz:FILE (default: digits)")
+    ev.add_argument("--data", default=DEFAULT_DATA,
+                    help=f"digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | npz:FILE (default: {DEFAULT_DATA})")
     ev.add_argument("--split", default="test", choices=["test", "train"])
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     ev.add_argument("--device", default=None,
                     help=f"device models, e.g. lognormal:sigma=0.5+read:eta=0.01, or a .json/.yaml device file "
                          f"(default: {DEFAULT_DEVICE}; a simulation graph brings its own)")
-    ev.add_argument("--samples", type=positive_int, default=100, help="simulated chips (Monte Carlo samples)")
+    ev.add_argument("--samples", type=positive_int, default=CHIPS, help="simulated chips (Monte Carlo samples)")
     ev.add_argument("--seed", type=nonnegative_int, default=0)
-    ev.add_argument("--batch-size", type=positive_int, default=500)
+    ev.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     _add_preprocess(ev)
     ev.add_argument("--sigma-sweep", help=f"also sweep log-normal sigma, e.g. 0,0.1,...,0.8 (at most {MAX_SWEEP_POINTS} "
                                           f"points), and plot it")
@@ -609,12 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("calibrate", help="calibrate one programmed chip of a compiled model: its own hardware-ready graph")
     ca.add_argument("model", help="deployed ONNX model from rrcompile compile")
-    ca.add_argument("--data", default="digits", help="data spec: unlabeled train images calibrate, test images evaluate")
+    ca.add_argument("--data", default=DEFAULT_DATA, help="data spec: unlabeled train images calibrate, test images evaluate")
     source = ca.add_mutually_exclusive_group(required=True)
     source.add_argument("--chip", metavar="SEED:INDEX", help="a simulated chip: chip INDEX of Monte Carlo run SEED")
     source.add_argument("--measured", metavar="F.npz", help="measurements of a real chip (format in the README)")
     ca.add_argument("--device", default=None, help="device of the simulated chip (default: the one compiled for)")
-    ca.add_argument("--images", type=positive_int, default=256, help="calibration images (simulated chip)")
+    ca.add_argument("--images", type=positive_int, default=default(pipeline.CompileOptions, "calibration_images"),
+                    help="calibration images (simulated chip)")
     ca.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
     ca.add_argument("-o", "--output", required=True, help="the chip's calibrated ONNX graph")
     ca.add_argument("--dump-measurements", metavar="F.npz", help="also write what the simulated chip measured")
@@ -628,31 +676,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune with Lipschitz regularization and/or noise injection")
     ft.add_argument("model", help="ONNX classifier")
-    ft.add_argument("--data", default="digits", help="data spec; its train split is used (default: digits)")
+    ft.add_argument("--data", default=DEFAULT_DATA, help=f"data spec; its train split is used (default: {DEFAULT_DATA})")
     ft.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
     ft.add_argument("-o", "--output", required=True, help="fine-tuned ONNX model to write")
     ft.add_argument("--lipschitz", type=nonnegative_float, default=0.0, metavar="BETA", help="penalty weight (0: off)")
-    ft.add_argument("--lipschitz-form", default="spectral", help="spectral (hinge on ||W||_2) or orthogonal (||W W^T - I||_F^2)")
-    ft.add_argument("--lipschitz-target", type=positive_float, default=1.0, help="spectral form: norm left unpenalized")
+    ft.add_argument("--lipschitz-form", default=default(LipschitzPenalty, "form"),
+                    help="spectral (hinge on ||W||_2) or orthogonal (||W W^T - I||_F^2)")
+    ft.add_argument("--lipschitz-target", type=positive_float, default=default(LipschitzPenalty, "target"),
+                    help="spectral form: norm left unpenalized")
     ft.add_argument("--noise-injection", metavar="SPEC", help="train on a fresh chip of this device per mini-batch")
-    ft.add_argument("--device", default="lognormal:sigma=0.5",
+    ft.add_argument("--device", default=DEFAULT_DEVICE,
                     help="device the validation chips simulate to pick the epoch to keep ('none': clean accuracy)")
-    ft.add_argument("--validation-chips", type=positive_int, default=4)
-    ft.add_argument("--epochs", type=positive_int, default=5)
-    ft.add_argument("--lr", type=positive_float, default=1e-3)
-    ft.add_argument("--batch-size", type=positive_int, default=128)
-    ft.add_argument("--val-fraction", type=open_fraction, default=0.1)
-    ft.add_argument("--patience", type=positive_int, default=3, help="epochs without a better one before stopping")
-    ft.add_argument("--seed", type=nonnegative_int, default=0)
+    ft.add_argument("--validation-chips", type=positive_int, default=default(FinetuneConfig, "validation_chips"))
+    ft.add_argument("--epochs", type=positive_int, default=default(FinetuneConfig, "epochs"))
+    ft.add_argument("--lr", type=positive_float, default=default(FinetuneConfig, "lr"))
+    ft.add_argument("--batch-size", type=positive_int, default=default(FinetuneConfig, "batch_size"))
+    ft.add_argument("--val-fraction", type=open_fraction, default=default(FinetuneConfig, "val_fraction"))
+    ft.add_argument("--patience", type=positive_int, default=default(FinetuneConfig, "patience"),
+                    help="epochs without a better one before stopping")
+    ft.add_argument("--seed", type=nonnegative_int, default=default(FinetuneConfig, "seed"))
     _add_preprocess(ft)
     ft.add_argument("--json", help="write the training report as JSON")
     _add_verbosity(ft)
     ft.set_defaults(run=cmd_finetune)
 
+    compile_default = functools.partial(default, pipeline.CompileOptions)
     co = sub.add_parser("compile", help="make a model robust to a device: Lipschitz fine-tune, RL-chosen compensation, deploy")
     co.add_argument("model", help="ONNX classifier")
-    co.add_argument("--data", default="digits", help="data spec: its train split trains, its test split evaluates")
-    co.add_argument("--device", default="lognormal:sigma=0.5", help="device spec or device file")
+    co.add_argument("--data", default=DEFAULT_DATA, help="data spec: its train split trains, its test split evaluates")
+    co.add_argument("--device", default=DEFAULT_DEVICE, help="device spec or device file")
     co.add_argument("-o", "--output", required=True, help="deployed ONNX model; OUT.report.json and OUT.sigma.png beside it")
     co.add_argument("--simulate-output", help="also write the compiled graph with the variation ops in (for evaluate)")
     co.add_argument("--no-lipschitz", action="store_true", help="fine-tune without the Lipschitz penalty")
@@ -663,30 +715,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no RL: ranks by sensitivity (calibration), or every candidate kept (--trained-compensation)")
     co.add_argument("--trained-compensation", action="store_true",
                     help="the paper's compensation, trained once for every chip, instead of calibrated per chip")
-    co.add_argument("--calibration-images", type=positive_int, default=256,
+    co.add_argument("--calibration-images", type=positive_int, default=compile_default("calibration_images"),
                     help="unlabeled train images each chip is calibrated on")
-    co.add_argument("--lipschitz", type=nonnegative_float, default=0.01, metavar="BETA")
-    co.add_argument("--lipschitz-form", default="spectral", help="spectral or orthogonal")
-    co.add_argument("--epochs", type=positive_int, default=5, help="Lipschitz fine-tuning epochs")
-    co.add_argument("--budget", type=budget_fraction, default=0.03,
+    co.add_argument("--lipschitz", type=nonnegative_float, default=compile_default("beta"), metavar="BETA")
+    co.add_argument("--lipschitz-form", default=compile_default("lipschitz_form"), help="spectral or orthogonal")
+    co.add_argument("--epochs", type=positive_int, default=default(FinetuneConfig, "epochs"), help="Lipschitz fine-tuning epochs")
+    co.add_argument("--budget", type=budget_fraction, default=compile_default("budget"),
                     help="compensation weights as a fraction of analog weights: per candidate (its rank) and in total")
-    co.add_argument("--compensation-epochs", type=positive_int, default=2)
-    co.add_argument("--final-epochs", type=nonnegative_int, default=1, help="training of the kept compensation")
-    co.add_argument("--episodes", type=positive_int, default=60, help="RL episodes")
-    co.add_argument("--overhead-weight", type=nonnegative_float, default=None,
-                    help="lambda: reward = accuracy - lambda x overhead (default 0.1; 0.5 with --trained-compensation)")
-    co.add_argument("--rl-chips", type=positive_int, default=8)
-    co.add_argument("--rl-images", type=positive_int, default=2000)
-    co.add_argument("--samples", type=positive_int, default=100, help="chips for the before/after evaluation")
+    co.add_argument("--compensation-epochs", type=positive_int, default=default(CompensationConfig, "epochs"))
+    co.add_argument("--final-epochs", type=nonnegative_int, default=compile_default("final_epochs"),
+                    help="training of the kept compensation")
+    co.add_argument("--episodes", type=positive_int, default=compile_default("episodes"), help="RL episodes")
+    co.add_argument("--overhead-weight", type=nonnegative_float, default=compile_default("overhead_weight"),
+                    help=f"lambda: reward = accuracy - lambda x overhead (default {pipeline.OVERHEAD_WEIGHT['calibrated']:g}; "
+                         f"{pipeline.OVERHEAD_WEIGHT['trained']:g} with --trained-compensation)")
+    co.add_argument("--rl-chips", type=positive_int, default=compile_default("rl_chips"))
+    co.add_argument("--rl-images", type=positive_int, default=compile_default("rl_images"))
+    co.add_argument("--samples", type=positive_int, default=CHIPS, help="chips for the before/after evaluation")
     co.add_argument("--no-report", action="store_true",
                     help="skip the Monte Carlo report (table, sigma sweep, plot): compile and deploy only")
     co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
     co.add_argument("--sweep-samples", type=positive_int, default=20, help="chips per sigma in the sweep")
-    co.add_argument("--tile", type=positive_int, default=DEFAULT_TILE)
-    co.add_argument("--batch-size", type=positive_int, default=128)
+    co.add_argument("--tile", type=positive_int, default=compile_default("tile"))
+    # one mini-batch size for the fine-tune and the compensation training (their configs agree on the default)
+    co.add_argument("--batch-size", type=positive_int, default=default(FinetuneConfig, "batch_size"))
     co.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
     co.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
-    co.add_argument("--seed", type=nonnegative_int, default=0)
+    co.add_argument("--seed", type=nonnegative_int, default=compile_default("seed"))
     _add_preprocess(co)
     _add_verbosity(co)
     co.set_defaults(run=cmd_compile)
@@ -708,11 +763,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default(config: type, name: str):
+    """The default of field ``name`` of dataclass ``config``: options that set a config field take
+    their default from it, so each default is written once."""
+    field = config.__dataclass_fields__[name]
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
 def _add_preprocess(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input preprocessing: x = (pixels / scale - mean) / std")
-    group.add_argument("--scale", default="255")
-    group.add_argument("--mean", default="0", help="one value or a comma list per channel")
-    group.add_argument("--std", default="1", help="one value or a comma list per channel")
+    group.add_argument("--scale", default=f"{default(Preprocess, 'scale'):g}")
+    for name in ("mean", "std"):
+        group.add_argument(f"--{name}", default=",".join(f"{v:g}" for v in default(Preprocess, name)),
+                           help="one value or a comma list per channel")
 
 
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:

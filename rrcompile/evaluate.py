@@ -31,6 +31,7 @@ from rrcompile.graph import (
 from rrcompile.passes.insert_variation import InsertVariationPass
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
+BATCH_SIZE = 500  # images per onnxruntime run: inference only, so larger than a training mini-batch
 
 
 def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
@@ -99,7 +100,7 @@ def session_accuracy(session: ort.InferenceSession, input_name: str, x: np.ndarr
     return correct / len(y)
 
 
-def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch_size: int = BATCH_SIZE) -> float:
     """Clean top-1 accuracy of ``model`` on prepared inputs, through onnxruntime."""
     return session_accuracy(make_session(model), model_io(model)[0], x, y, batch_size)
 
@@ -142,7 +143,7 @@ class ChipStats:
 class MonteCarloEvaluator:
     """Clean and per-chip accuracy of a canonical model under a device config, through onnxruntime."""
 
-    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, *, batch_size: int = 500):
+    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, *, batch_size: int = BATCH_SIZE):
         self.input_name, self.input_shape = model_io(model)
         self.batch_size = batch_size
         self.clean_session = make_session(model)
@@ -217,7 +218,7 @@ def _short_lived(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def sigma_sweep(
     model: onnx.ModelProto, device: DeviceConfig, sigmas: Sequence[float], x, y, samples: int, seed: int,
-    *, batch_size: int = 500, progress: bool = True,
+    *, batch_size: int = BATCH_SIZE, progress: bool = True,
 ) -> dict[float, ChipStats]:
     """ChipStats at each log-normal sigma, the other device models unchanged."""
     results = {}

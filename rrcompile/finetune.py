@@ -39,6 +39,8 @@ from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import TorchGraph, default_device, write_back
 
 PROBABILITY_HEADS = ("Softmax", "LogSoftmax")
+# unlabeled images a chip is calibrated on (compile's validation and report chips, `rrcompile calibrate`)
+CALIBRATION_IMAGES = 256
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ class FinetuneConfig:
     validation_chips: int = 4
     clean_tolerance: float = 0.005
     calibration: CalibrationConfig | None = None  # train for calibration (with noise_injection)
-    calibration_images: int = 256  # per validation chip
+    calibration_images: int = CALIBRATION_IMAGES  # per validation chip
 
 
 @dataclasses.dataclass

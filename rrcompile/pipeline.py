@@ -34,7 +34,7 @@ from rrcompile.compensate import CompensationConfig, train_compensation
 from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.errors import OptionError, UnsupportedModelError
-from rrcompile.finetune import FinetuneConfig, finetune, split_validation
+from rrcompile.finetune import CALIBRATION_IMAGES, FinetuneConfig, finetune, split_validation
 from rrcompile.graph import analog_layers
 from rrcompile.hardware import DEFAULT_TILE, HardwareReport
 from rrcompile.lipschitz import LipschitzPenalty
@@ -55,6 +55,12 @@ def simulate(model: onnx.ModelProto, device: DeviceConfig) -> onnx.ModelProto:
     return InsertVariationPass(device)(canonicalize(model)).model
 
 
+# the reward's price of overhead when CompileOptions.overhead_weight is None, per compensation kind:
+# calibration slots pay off more (LeNet-5, sigma 0.5: at 0.5 the agent kept 0.97% overhead for 98.32%
+# on its calibrated validation chips, where 2.98% gave 98.64%)
+OVERHEAD_WEIGHT = {"calibrated": 0.1, "trained": 0.5}
+
+
 @dataclasses.dataclass
 class CompileOptions:
     device: DeviceConfig
@@ -63,7 +69,7 @@ class CompileOptions:
     compensation: bool = True  # compensation and its selection,
     rl: bool = True  # and RL (False keeps every candidate)
     calibration: bool = True  # calibratable compensation, solved per chip (False: trained, the paper's)
-    calibration_images: int = 256  # unlabeled images each chip is calibrated on
+    calibration_images: int = CALIBRATION_IMAGES  # unlabeled images each chip is calibrated on
     # fine-tune after the ranks are chosen, each mini-batch's chip calibrated in the forward pass
     # (else the fine-tune comes first, on raw chips)
     train_for_calibration: bool = True
@@ -76,9 +82,7 @@ class CompileOptions:
     train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
     final_epochs: int = 1
     episodes: int = 60
-    # reward = accuracy - overhead_weight * overhead fraction; None: 0.5 for trained compensation,
-    # 0.1 for calibration, whose slots pay off more (LeNet-5, sigma 0.5: at 0.5 the agent kept 0.97%
-    # overhead for 98.32% on its calibrated validation chips, where 2.98% gave 98.64%)
+    # reward = accuracy - overhead_weight * overhead fraction; None: OVERHEAD_WEIGHT of the compensation kind
     overhead_weight: float | None = None
     rl_chips: int = 8
     rl_images: int = 2000
@@ -113,8 +117,8 @@ def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
             for layer in layers}
 
 
-def _overhead_weight(options: CompileOptions, default: float) -> float:
-    return default if options.overhead_weight is None else options.overhead_weight
+def _overhead_weight(options: CompileOptions, kind: str) -> float:
+    return OVERHEAD_WEIGHT[kind] if options.overhead_weight is None else options.overhead_weight
 
 
 def _seconds_to_calibrate(model: onnx.ModelProto, options: CompileOptions, x_calibration: np.ndarray) -> float:
@@ -139,7 +143,7 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
     env = stage("profile layers", lambda: CalibrationEnv(
         model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
-        chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, 0.1),
+        chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, "calibrated"),
         max_overhead=options.budget, calibration=options.calibration_config))
     choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
                    if options.rl else greedy_by_sensitivity(env, options.budget))
@@ -162,7 +166,7 @@ def _trained_compensation(model, x, y, options: CompileOptions, stage, progress:
     model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
     env = stage("profile layers", lambda: CompensationEnv(
         model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
-        seed=options.seed, overhead_weight=_overhead_weight(options, 0.5), max_overhead=options.budget))
+        seed=options.seed, overhead_weight=_overhead_weight(options, "trained"), max_overhead=options.budget))
     choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
                    if options.rl else fixed(env, keep_all=True))
     selection = {"none": fixed(env, keep_all=False), "all": fixed(env, keep_all=True),

@@ -113,6 +113,38 @@ def test_progress_bars_only_on_a_terminal_or_when_asked_for(capsys):
     assert "\r" in capsys.readouterr().err
 
 
+# --- defaults: written once, in the configs ------------------------------------------------------
+
+def test_compile_defaults_are_the_compile_options_defaults():
+    from rrcompile.cli import DEFAULT_DEVICE, build_parser, compile_options
+    from rrcompile.compensate import CompensationConfig
+    from rrcompile.devices import parse_device
+    from rrcompile.finetune import FinetuneConfig
+    from rrcompile.pipeline import CompileOptions
+
+    device = parse_device(DEFAULT_DEVICE)
+    args = build_parser().parse_args(["compile", "m.onnx", "-o", "out.onnx"])
+    assert args.device == DEFAULT_DEVICE
+    assert compile_options(args, device) == CompileOptions(device)
+    # --batch-size feeds both trainings: their configs must agree on its default
+    assert FinetuneConfig().batch_size == CompensationConfig().batch_size == args.batch_size
+
+
+def test_finetune_and_calibrate_defaults_are_the_configs_defaults():
+    from rrcompile.cli import DEFAULT_DEVICE, build_parser, finetune_config
+    from rrcompile.data import Preprocess
+    from rrcompile.devices import parse_device
+    from rrcompile.finetune import FinetuneConfig
+    from rrcompile.pipeline import CompileOptions
+
+    parser = build_parser()
+    args = parser.parse_args(["finetune", "m.onnx", "-o", "out.onnx"])
+    assert finetune_config(args) == FinetuneConfig(validation_device=parse_device(DEFAULT_DEVICE))
+    assert Preprocess.parse(args.scale, args.mean, args.std) == Preprocess()
+    calibrate = parser.parse_args(["calibrate", "m.onnx", "--chip", "0:0", "-o", "out.onnx"])
+    assert calibrate.images == CompileOptions(parse_device(DEFAULT_DEVICE)).calibration_images
+
+
 # --- calibration: `calibrate`, `evaluate --calibrate` ------------------------------------------
 
 @pytest.fixture(scope="module")
