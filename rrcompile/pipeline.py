@@ -74,13 +74,15 @@ class CompileOptions:
     # (else the fine-tune comes first, on raw chips)
     train_for_calibration: bool = True
     calibration_config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    # the trainings' own knobs (epochs, lr, batch size, ...); the fields compile derives from the
+    # options here (see finetune_config, compensation_config) are left at their defaults or agree
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     beta: float = 0.01
     lipschitz_form: str = "spectral"
     budget: float = 0.03  # sets each candidate's rank (per layer) and caps the kept ones' total, both
     # as a fraction of analog weights
     train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
-    final_epochs: int = 1
+    final_epochs: int = 1  # the kept compensation's training: ``train`` with these epochs
     episodes: int = 60
     # reward = accuracy - overhead_weight * overhead fraction; None: OVERHEAD_WEIGHT of the compensation kind
     overhead_weight: float | None = None
@@ -115,6 +117,48 @@ def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
     left = budget * total - floor
     return {layer.node: max([r for r in RANK_LEVELS if r <= layer.rows and r * (layer.rows + layer.cols) <= left] or [0])
             for layer in layers}
+
+
+def _derived(config, derived: dict[str, tuple[object, str]]):
+    """``config`` with the fields compile derives from its options: ``derived`` maps a field to its
+    value and the CompileOptions fields it comes from. A field the caller set (away from its class
+    default) to another value is refused, naming where to set it: a caller's value is never
+    replaced silently."""
+    defaults = type(config)()
+    for name, (value, source) in derived.items():
+        given = getattr(config, name)
+        if given != getattr(defaults, name) and given != value:
+            raise OptionError(f"{type(config).__name__}.{name}={given!r} conflicts with compile's {value!r}, "
+                              f"which it derives from CompileOptions.{source}: set it there, or leave {name} at "
+                              f"its default")
+    return dataclasses.replace(config, **{name: value for name, (value, _) in derived.items()})
+
+
+def finetune_config(options: CompileOptions) -> FinetuneConfig:
+    """The fine-tune's configuration: ``options.finetune`` with what the options decide filled in."""
+    calibrating = options.compensation and options.calibration
+    return _derived(options.finetune, {
+        "seed": (options.seed, "seed"),
+        "validation_device": (options.device, "device"),
+        "lipschitz": (LipschitzPenalty(options.beta, options.lipschitz_form) if options.lipschitz else None,
+                      "lipschitz, beta and lipschitz_form"),
+        "noise_injection": (options.device if options.noise_injection else None, "noise_injection and device"),
+        "calibration": (options.calibration_config
+                        if calibrating and options.noise_injection and options.train_for_calibration else None,
+                        "calibration_config (when calibrating with noise_injection and train_for_calibration)"),
+        "calibration_images": (options.calibration_images, "calibration_images"),
+    })
+
+
+def compensation_config(options: CompileOptions) -> CompensationConfig:
+    """The trained compensation's configuration: ``options.train`` with what the options decide filled in."""
+    derived: dict[str, tuple[object, str]] = {"seed": (options.seed, "seed")}
+    if options.noise_injection:
+        # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
+        # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
+        # 95.0% at weight 0.1, 93.9% at 1, over 8 validation chips), so the task loss trains alone
+        derived["feature_weight"] = (0.0, "noise_injection")
+    return _derived(options.train, derived)
 
 
 def _overhead_weight(options: CompileOptions, kind: str) -> float:
@@ -153,15 +197,9 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     return with_ranks(model, ranks), selection, ranks, x_calibration
 
 
-def _trained_compensation(model, x, y, options: CompileOptions, stage, progress: bool):
+def _trained_compensation(model, x, y, options: CompileOptions, train: CompensationConfig, stage, progress: bool):
     """(model with the kept trained compensation, selection, kept layers): the paper's method."""
     x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
-    # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
-    # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
-    # 95.0% at weight 0.1, 93.9% at 1, over 8 validation chips), so the task loss trains alone
-    on_chips = options.noise_injection
-    train = dataclasses.replace(options.train, seed=options.seed,
-                                feature_weight=0.0 if on_chips else options.train.feature_weight)
     model = stage("insert candidates", lambda: InsertCompensationCandidatesPass(options.budget, seed=options.seed)(model).model)
     model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
     env = stage("profile layers", lambda: CompensationEnv(
@@ -181,6 +219,7 @@ def _trained_compensation(model, x, y, options: CompileOptions, stage, progress:
 def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: CompileOptions, *,
             progress: bool = True, log: Callable[[str], None] = print) -> CompileResult:
     """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``."""
+    config, train = finetune_config(options), compensation_config(options)  # a conflict is refused before any work
     seconds: dict[str, float] = {}
 
     def stage(name: str, run: Callable[[], object]):
@@ -194,12 +233,6 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
     model = stage("canonicalize", lambda: canonicalize(model))
     calibrating = options.compensation and options.calibration
     fine_tune = options.lipschitz or options.noise_injection
-    config = dataclasses.replace(
-        options.finetune, seed=options.seed, validation_device=options.device,
-        lipschitz=LipschitzPenalty(options.beta, options.lipschitz_form) if options.lipschitz else None,
-        noise_injection=options.device if options.noise_injection else None,
-        calibration=options.calibration_config if calibrating and options.noise_injection and options.train_for_calibration
-        else None, calibration_images=options.calibration_images)
     if fine_tune and config.calibration is None:
         model = stage("fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
     selection, kept, ranks, x_calibration, calibration_seconds = {}, [], {}, None, None
@@ -210,7 +243,7 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
             model = stage("fine-tune for calibration", lambda: finetune(model, x, y, config, progress=progress).model)
         calibration_seconds = _seconds_to_calibrate(model, options, x_calibration)
     elif options.compensation:
-        model, selection, kept = _trained_compensation(model, x, y, options, stage, progress)
+        model, selection, kept = _trained_compensation(model, x, y, options, train, stage, progress)
     deployed, hardware = stage("deploy", lambda: deploy(
         model, options.tile, device=options.device, calibration_images=len(x_calibration) if calibrating else None,
         calibration_seconds=calibration_seconds))

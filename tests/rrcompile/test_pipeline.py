@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -17,7 +18,8 @@ from rrcompile.devices import is_variation, parse_device
 from rrcompile.errors import OptionError
 from rrcompile.finetune import FinetuneConfig
 from rrcompile.hardware import HardwareReport
-from rrcompile.pipeline import CompileOptions, compile
+from rrcompile.lipschitz import LipschitzPenalty
+from rrcompile.pipeline import CompileOptions, compensation_config, compile, finetune_config
 
 DEVICE = parse_device("lognormal:sigma=0.5")
 
@@ -122,3 +124,36 @@ def test_compile_without_report_writes_the_model_and_a_report_of_the_compile_onl
     assert report["compile_seconds"] > 0 and not (tmp_path / "digits.sigma.png").exists()
     assert "--no-report" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+# --- the caller's configs: compile fills in what its options decide, and never overwrites silently
+
+def test_compile_fills_in_the_fields_its_options_decide_and_keeps_the_rest():
+    options = CompileOptions(DEVICE, seed=3, beta=0.1, finetune=FinetuneConfig(epochs=2, lr=1e-4),
+                             train=CompensationConfig(epochs=4, lr=1e-2))
+    config = finetune_config(options)
+    assert (config.epochs, config.lr, config.seed, config.validation_device) == (2, 1e-4, 3, DEVICE)
+    assert config.lipschitz.beta == 0.1 and config.noise_injection == DEVICE
+    train = compensation_config(options)
+    assert (train.epochs, train.lr, train.seed, train.feature_weight) == (4, 1e-2, 3, 0.0)
+    assert compensation_config(CompileOptions(DEVICE, noise_injection=False,
+                                              train=CompensationConfig(feature_weight=0.5))).feature_weight == 0.5
+    # the caller's objects are left as they were
+    assert options.finetune == FinetuneConfig(epochs=2, lr=1e-4) and options.train == CompensationConfig(epochs=4, lr=1e-2)
+    # a value the caller set that agrees with the options is accepted
+    assert finetune_config(CompileOptions(DEVICE, seed=5, finetune=FinetuneConfig(seed=5))).seed == 5
+
+
+@pytest.mark.parametrize("options, culprit", [
+    (CompileOptions(DEVICE, finetune=FinetuneConfig(seed=5)),
+     "FinetuneConfig.seed=5 conflicts with compile's 0, which it derives from CompileOptions.seed"),
+    (CompileOptions(DEVICE, finetune=FinetuneConfig(calibration_images=64)), "CompileOptions.calibration_images"),
+    (CompileOptions(DEVICE, lipschitz=False, finetune=FinetuneConfig(lipschitz=LipschitzPenalty(0.1))),
+     "FinetuneConfig.lipschitz="),
+    (CompileOptions(DEVICE, train=CompensationConfig(seed=1)), "CompensationConfig.seed=1"),
+    (CompileOptions(DEVICE, train=CompensationConfig(feature_weight=0.5)), "CompileOptions.noise_injection"),
+])
+def test_compile_refuses_a_config_field_its_options_decide_otherwise(digits, options, culprit):
+    model, x, y = digits
+    with pytest.raises(OptionError, match=re.escape(culprit)):
+        compile(model, x, y, options, progress=False, log=pytest.fail)  # refused before the first stage
