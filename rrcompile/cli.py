@@ -23,7 +23,7 @@ from rrcompile.calibrate import (
     CalibratedEvaluator, CalibrationConfig, Calibrator, SimulatedChip, calibrated_sigma_sweep, load_measurements,
     save_measurements,
 )
-from rrcompile.compensate import CompensationConfig
+from rrcompile.compensation_training import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
 from rrcompile.deploy import compiled_device, deploy

@@ -37,6 +37,7 @@ from rrcompile.evaluate import MonteCarloEvaluator, accuracy
 from rrcompile.lipschitz import LipschitzPenalty, SpectralReport
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import TorchGraph, default_device, write_back
+from rrcompile.training import BATCH_SIZE, run_epoch, task_loss
 
 PROBABILITY_HEADS = ("Softmax", "LogSoftmax")
 # unlabeled images a chip is calibrated on (compile's validation and report chips, `rrcompile calibrate`)
@@ -47,7 +48,7 @@ CALIBRATION_IMAGES = 256
 class FinetuneConfig:
     epochs: int = 5
     lr: float = 1e-3
-    batch_size: int = 128
+    batch_size: int = BATCH_SIZE
     val_fraction: float = 0.1
     patience: int = 3  # validation on a few chips is noisy: 2 stopped the VGG-style net at a dip
     seed: int = 0
@@ -141,31 +142,23 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
     best_epoch, best_state, since_best = None, None, 0
     if calibrating:  # a network may already be at its best once calibrated: the start competes
         best_epoch, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def step(xb: torch.Tensor, yb: torch.Tensor):
+        logits = calibrated_forward(module, calibrating, xb, config.calibration) if calibrating else module(xb)
+        loss = task_loss(logits, yb)
+        if config.lipschitz is None:
+            return loss, {"loss": float(loss.detach())}
+        penalty = config.lipschitz(_layer_weights(module))
+        return loss + penalty, {"loss": float(loss.detach()), "penalty": float(penalty.detach())}
+
     rng = np.random.default_rng([config.seed, 0xB47])
     epochs = tqdm(range(1, config.epochs + 1), desc="fine-tune", unit="epoch", disable=not progress, leave=False)
     for epoch in epochs:
         module.train()
-        order = rng.permutation(len(y_train))
-        losses, penalties = [], []
-        steps = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", unit="batch",
-                     disable=not progress, leave=False)
-        for start in steps:
-            index = order[start:start + config.batch_size]
-            xb = torch.from_numpy(x_train[index]).to(device)
-            yb = torch.from_numpy(y_train[index]).to(device)
-            logits = calibrated_forward(module, calibrating, xb, config.calibration) if calibrating else module(xb)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(len(index), -1), yb)
-            total = loss
-            if config.lipschitz is not None:
-                penalty = config.lipschitz(_layer_weights(module))
-                total = total + penalty
-                penalties.append(float(penalty.detach()))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        means = run_epoch(step, optimizer, x_train, y_train, rng, batch_size=config.batch_size, device=device,
+                          desc=f"epoch {epoch}", progress=progress)
         module.eval()
-        log = validate(epoch, float(np.mean(losses)), float(np.mean(penalties)) if penalties else None)
+        log = validate(epoch, means["loss"], means.get("penalty"))
         history.append(log)
         epochs.set_postfix(clean=f"{log.clean_val:.4f}", varied="-" if log.varied_val is None else f"{log.varied_val:.4f}")
         if best_epoch is None or _better(log, history[best_epoch], floor):

@@ -30,7 +30,7 @@ import onnx
 from rrcompile.calibrate import (
     CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, slots, with_ranks,
 )
-from rrcompile.compensate import CompensationConfig, train_compensation
+from rrcompile.compensation_training import CompensationConfig, train_compensation
 from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.errors import OptionError, UnsupportedModelError

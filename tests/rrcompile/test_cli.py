@@ -117,7 +117,7 @@ def test_progress_bars_only_on_a_terminal_or_when_asked_for(capsys):
 
 def test_compile_defaults_are_the_compile_options_defaults():
     from rrcompile.cli import DEFAULT_DEVICE, build_parser, compile_options
-    from rrcompile.compensate import CompensationConfig
+    from rrcompile.compensation_training import CompensationConfig
     from rrcompile.devices import parse_device
     from rrcompile.finetune import FinetuneConfig
     from rrcompile.pipeline import CompileOptions

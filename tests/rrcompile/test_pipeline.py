@@ -10,7 +10,7 @@ import pytest
 from conftest import DIGITS_MODEL, run
 
 from rrcompile.cli import main
-from rrcompile.compensate import CompensationConfig
+from rrcompile.compensation_training import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import load_data
 from rrcompile.deploy import compiled_device

@@ -1,4 +1,5 @@
-"""Training the compensation branches: analog weights frozen, a fresh chip for every mini-batch.
+"""Training the compensation branches (the ONNX forms are ``rrcompile.compensation``'s): analog
+weights frozen, a fresh chip for every mini-batch.
 
 Only the candidates' down and up weights learn. Each step draws a new chip of the device (the
 noise inputs of the varied graph, sampled in torch), runs the compensated network on it, and
@@ -26,13 +27,14 @@ from rrcompile.devices import DeviceConfig
 from rrcompile.finetune import logits_model
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import TorchGraph, default_device, write_back
+from rrcompile.training import BATCH_SIZE, run_epoch, task_loss
 
 
 @dataclasses.dataclass
 class CompensationConfig:
     epochs: int = 2
     lr: float = 1e-3
-    batch_size: int = 128
+    batch_size: int = BATCH_SIZE
     feature_weight: float = 1.0
     seed: int = 0
 
@@ -53,28 +55,23 @@ def train_compensation(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarr
     gates_off = {c.gate: torch.zeros((), device=target) for c in found}
     maps = [next(n.output[0] for n in model.graph.node if n.name == c.node) for c in found]
     optimizer = torch.optim.Adam([varied.parameter(name) for name in trainable], lr=config.lr)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor):
+        result = varied(xb, outputs=[varied.output_names[0], *maps])
+        loss = task_loss(result[varied.output_names[0]], yb)
+        if config.feature_weight:
+            with torch.no_grad():
+                reference = clean(xb, gates_off, outputs=maps)
+            for name in maps:
+                loss = loss + config.feature_weight * ((result[name] - reference[name]) ** 2).sum() \
+                    / (reference[name] ** 2).sum().clamp_min(1e-12)
+        return loss, {"loss": float(loss.detach())}
+
     rng = np.random.default_rng([config.seed, 0xC0])
     history = []
     epochs = tqdm(range(config.epochs), desc="compensation", unit="epoch", disable=not progress, leave=False)
     for _ in epochs:
-        order = rng.permutation(len(y))
-        losses = []
-        for start in tqdm(range(0, len(order), config.batch_size), unit="batch", disable=not progress, leave=False):
-            index = order[start:start + config.batch_size]
-            xb = torch.from_numpy(x[index]).to(target)
-            yb = torch.from_numpy(y[index]).to(target)
-            result = varied(xb, outputs=[varied.output_names[0], *maps])
-            loss = torch.nn.functional.cross_entropy(result[varied.output_names[0]].reshape(len(index), -1), yb)
-            if config.feature_weight:
-                with torch.no_grad():
-                    reference = clean(xb, gates_off, outputs=maps)
-                for name in maps:
-                    loss = loss + config.feature_weight * ((result[name] - reference[name]) ** 2).sum() \
-                        / (reference[name] ** 2).sum().clamp_min(1e-12)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        history.append(float(np.mean(losses)))
+        history.append(run_epoch(step, optimizer, x, y, rng, batch_size=config.batch_size, device=target,
+                                 progress=progress)["loss"])
         epochs.set_postfix(loss=f"{history[-1]:.4f}")
     return write_back(varied, model), history

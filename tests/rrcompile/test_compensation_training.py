@@ -7,7 +7,7 @@ import pytest
 from conftest import DIGITS_MODEL
 from onnx import numpy_helper
 
-from rrcompile.compensate import CompensationConfig, train_compensation
+from rrcompile.compensation_training import CompensationConfig, train_compensation
 from rrcompile.compensation import candidates
 from rrcompile.data import load_data
 from rrcompile.devices import parse_device
