@@ -39,7 +39,7 @@ from rrcompile.io import load_model, outputs, save_model
 from rrcompile.lipschitz import FORMS, LipschitzPenalty
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.strip_simulation import StripSimulationPass
-from rrcompile.rl.reinforce import SearchResult
+from rrcompile.rl.selection import SearchResult
 from rrcompile.report import format_table, percent, write_json
 
 

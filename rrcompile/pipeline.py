@@ -43,7 +43,8 @@ from rrcompile.passes.insert_compensation_candidates import InsertCompensationCa
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.select_compensation import SelectCompensationPass
 from rrcompile.rl.environment import RANK_LEVELS, VALIDATION_CHIPS_FROM, CalibrationEnv, CompensationEnv
-from rrcompile.rl.reinforce import SearchResult, fixed, greedy_by_sensitivity, reinforce
+from rrcompile.rl.reinforce import EPISODES, Reinforce
+from rrcompile.rl.selection import Fixed, GreedyBySensitivity, SearchResult, SelectionStrategy
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -67,7 +68,7 @@ class CompileOptions:
     lipschitz: bool = True  # switches, for ablations: the fine-tune's penalty,
     noise_injection: bool = True  # its training on sampled chips (no fine-tune when both are off),
     compensation: bool = True  # compensation and its selection,
-    rl: bool = True  # and RL (False keeps every candidate)
+    rl: bool = True  # and RL (False: ranks greedily by sensitivity, or keeps every trained candidate)
     calibration: bool = True  # calibratable compensation, solved per chip (False: trained, the paper's)
     calibration_images: int = CALIBRATION_IMAGES  # unlabeled images each chip is calibrated on
     # fine-tune after the ranks are chosen, each mini-batch's chip calibrated in the forward pass
@@ -83,7 +84,8 @@ class CompileOptions:
     # as a fraction of analog weights
     train: CompensationConfig = dataclasses.field(default_factory=CompensationConfig)
     final_epochs: int = 1  # the kept compensation's training: ``train`` with these epochs
-    episodes: int = 60
+    episodes: int = EPISODES
+    strategy: SelectionStrategy | None = None  # the agent when rl is on; None: Reinforce(episodes, seed)
     # reward = accuracy - overhead_weight * overhead fraction; None: OVERHEAD_WEIGHT of the compensation kind
     overhead_weight: float | None = None
     rl_chips: int = 8
@@ -165,6 +167,15 @@ def _overhead_weight(options: CompileOptions, kind: str) -> float:
     return OVERHEAD_WEIGHT[kind] if options.overhead_weight is None else options.overhead_weight
 
 
+def _agent(options: CompileOptions, otherwise: SelectionStrategy, progress: bool) -> tuple[str, SelectionStrategy]:
+    """(its row in the selection table, the strategy that chooses): ``otherwise`` without RL."""
+    if not options.rl:
+        return "chosen", otherwise
+    if options.strategy is not None:
+        return options.strategy.name, options.strategy
+    return Reinforce.name, Reinforce(options.episodes, options.seed, progress=progress)
+
+
 def _seconds_to_calibrate(model: onnx.ModelProto, options: CompileOptions, x_calibration: np.ndarray) -> float:
     """Wall seconds to measure and solve one chip (a validation chip) on this machine."""
     calibrator = Calibrator(model, options.calibration_config)
@@ -189,10 +200,10 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
         model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
         chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, "calibrated"),
         max_overhead=options.budget, calibration=options.calibration_config))
-    choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
-                   if options.rl else greedy_by_sensitivity(env, options.budget))
-    selection = {"none": fixed(env, keep_all=False), "greedy": greedy_by_sensitivity(env, options.budget),
-                 "rl" if options.rl else "chosen": choice}
+    label, agent = _agent(options, GreedyBySensitivity(), progress)
+    choice = stage("RL selection", lambda: agent.select(env, options.budget))
+    selection = {"none": Fixed(keep_all=False).select(env, options.budget),
+                 "greedy": GreedyBySensitivity().select(env, options.budget), label: choice}
     ranks = env.rank_config(choice.keep)
     return with_ranks(model, ranks), selection, ranks, x_calibration
 
@@ -205,10 +216,12 @@ def _trained_compensation(model, x, y, options: CompileOptions, train: Compensat
     env = stage("profile layers", lambda: CompensationEnv(
         model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
         seed=options.seed, overhead_weight=_overhead_weight(options, "trained"), max_overhead=options.budget))
-    choice = stage("RL selection", lambda: reinforce(env, episodes=options.episodes, seed=options.seed, progress=progress)
-                   if options.rl else fixed(env, keep_all=True))
-    selection = {"none": fixed(env, keep_all=False), "all": fixed(env, keep_all=True),
-                 "greedy": greedy_by_sensitivity(env, choice.overhead), "rl" if options.rl else "chosen": choice}
+    label, agent = _agent(options, Fixed(keep_all=True), progress)
+    choice = stage("RL selection", lambda: agent.select(env, options.budget))
+    # greedy at the chosen overhead: what sensitivity alone buys for the same digital weights
+    selection = {"none": Fixed(keep_all=False).select(env, options.budget),
+                 "all": Fixed(keep_all=True).select(env, options.budget),
+                 "greedy": GreedyBySensitivity().select(env, choice.overhead), label: choice}
     kept = choice.kept_layers
     final = dataclasses.replace(train, epochs=options.final_epochs)
     model = stage("final training", lambda: train_compensation(

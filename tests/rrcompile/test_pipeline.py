@@ -20,6 +20,7 @@ from rrcompile.finetune import FinetuneConfig
 from rrcompile.hardware import HardwareReport
 from rrcompile.lipschitz import LipschitzPenalty
 from rrcompile.pipeline import CompileOptions, compensation_config, compile, finetune_config
+from rrcompile.rl.selection import search_result
 
 DEVICE = parse_device("lognormal:sigma=0.5")
 
@@ -157,3 +158,21 @@ def test_compile_refuses_a_config_field_its_options_decide_otherwise(digits, opt
     model, x, y = digits
     with pytest.raises(OptionError, match=re.escape(culprit)):
         compile(model, x, y, options, progress=False, log=pytest.fail)  # refused before the first stage
+
+
+def test_compile_runs_the_strategy_it_is_given(digits):
+    class FirstLayerOnly:
+        """A new agent: the first slot at its largest rank, nothing elsewhere."""
+
+        name = "first"
+
+        def select(self, env, budget):
+            return search_result(env, [env.affordable(0, []) - 1] + [0] * (env.steps - 1), [])
+
+    model, x, y = digits
+    result = compile(model, x, y, small(strategy=FirstLayerOnly(), noise_injection=False, lipschitz=False),
+                     progress=False, log=lambda _: None)
+    assert list(result.selection) == ["none", "greedy", "first"]
+    first = result.selection["first"]
+    assert first.values[0] > 0 and not any(first.values[1:])
+    assert result.ranks == dict(zip(first.layers, first.values))

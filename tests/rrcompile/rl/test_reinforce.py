@@ -1,4 +1,4 @@
-"""The REINFORCE agent and its comparisons on a small environment with an exhaustive answer."""
+"""The REINFORCE agent on a small environment with an exhaustive answer."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +13,7 @@ from rrcompile.devices import parse_device
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
 from rrcompile.rl.environment import CompensationEnv
-from rrcompile.rl.reinforce import fixed, greedy_by_sensitivity, reinforce
+from rrcompile.rl.reinforce import EPISODES, Reinforce
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,9 @@ def env():
 
 
 def test_reinforce_is_seeded_and_returns_the_best_configuration_it_saw(env):
-    result = reinforce(env, episodes=25, seed=4, progress=False)
-    assert result == reinforce(env, episodes=25, seed=4, progress=False)
+    agent = Reinforce(episodes=25, seed=4, progress=False)
+    result = agent.select(env, budget=1.0)
+    assert result == agent.select(env, budget=1.0)
     assert len(result.rewards) == 25
     assert result.reward == pytest.approx(max(result.rewards))
     assert result.reward == pytest.approx(env.reward(result.keep))
@@ -36,11 +37,4 @@ def test_reinforce_is_seeded_and_returns_the_best_configuration_it_saw(env):
 
 def test_reinforce_reaches_the_exhaustive_optimum_of_a_small_space(env):
     best = max(env.reward(keep) for keep in itertools.product([0, 1], repeat=env.steps))
-    assert reinforce(env, episodes=60, seed=0, progress=False).reward == pytest.approx(best)
-
-
-def test_greedy_respects_the_overhead_and_fixed_baselines(env):
-    greedy = greedy_by_sensitivity(env, max_overhead=0.02)
-    assert greedy.overhead <= 0.02
-    assert fixed(env, keep_all=False).overhead == 0
-    assert fixed(env, keep_all=True).keep == (1,) * env.steps
+    assert Reinforce(EPISODES, seed=0, progress=False).select(env, budget=1.0).reward == pytest.approx(best)
