@@ -61,6 +61,7 @@ from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 # a measurement file: the calibration images, and per calibrated layer what it saw and gave
 IMAGES, INPUT_SUFFIX, OUTPUT_SUFFIX = "images", ".input", ".output"
 TARGETS = ("network", "layer")
+PROJECTIONS = ("chip", "compiled")
 
 
 class CalibrationError(DataError):
@@ -75,12 +76,20 @@ class CalibrationConfig:
     # layer on the same image (so a slot also takes out error arriving from the layers before it);
     # "layer", the ideal ``W x`` on the input the chip's layer saw
     target: str = "network"
+    # where the branch's down projection comes from: "chip", solved per chip with the rest
+    # (:func:`chip_projection`); "compiled", fixed at compile time (:func:`fit_projections`)
+    projection: str = "chip"
+    projection_ridge: float = 0.1  # relative, as ``ridge``: of the full fit the per-chip projection is cut from
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"calibration target {self.target!r}: expected one of {', '.join(TARGETS)}")
-        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
-            raise ValueError(f"calibration ridge {self.ridge}: must be a finite number >= 0")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"calibration projection {self.projection!r}: expected one of {', '.join(PROJECTIONS)}")
+        for name in ("ridge", "projection_ridge"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"calibration {name.replace('_', ' ')} {value}: must be a finite number >= 0")
 
 
 class Chip(abc.ABC):
@@ -201,10 +210,73 @@ def _columns(slot: Slot, y: torch.Tensor) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, y.shape[1]) if slot.is_conv else y.reshape(-1, y.shape[-1])
 
 
+def _patches(slot: Slot, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as the rows its weight multiplies (im2col patches for a conv), in the
+    order :func:`_columns` gives the outputs: [positions, rows]."""
+    if not slot.is_conv:
+        return x.reshape(-1, slot.layer.rows)
+    attrs = slot.attrs
+    spatial = x.dim() - 2
+    if spatial not in (1, 2):
+        raise CalibrationError(f"layer '{slot.layer.node}': calibration supports 1-d and 2-d convolutions")
+    pads, strides, dilations = attrs["pads"], attrs["strides"], attrs["dilations"]
+    kernel = slot.layer.weight_shape[2:]
+    if spatial == 1:
+        x, kernel = x.unsqueeze(2), (1, *kernel)
+        pads, strides, dilations = [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations]
+    padded = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    return F.unfold(padded, kernel, dilation=dilations, stride=strides).transpose(1, 2).reshape(-1, slot.layer.rows)
+
+
+def chip_projection(slot: Slot, x: torch.Tensor, error: torch.Tensor, rank: int, ridge: float) -> torch.Tensor:
+    """The down projection of ``rank`` that best explains this chip's ``error`` (ideal minus raw
+    output, as [positions, cols]) from the layer input ``x``: reduced-rank ridge
+    regression. The full correction ``M`` is fitted first; its ``rank`` strongest output directions
+    ``V`` (top eigenvectors of the fitted values' covariance ``M^T G M``) keep ``Wd = V^T M^T``.
+    Shaped like the slot's down initializer."""
+    rows = slot.layer.rows
+    gram = torch.zeros(rows, rows, dtype=torch.float64)
+    cross = torch.zeros(rows, error.shape[1], dtype=torch.float64)
+    total = torch.zeros(rows, dtype=torch.float64)
+    per_image = len(error) // len(x)
+    for start in range(0, len(x), 64):  # patches a chunk of images at a time: VGG-sized convs stay small
+        patches = _patches(slot, x[start:start + 64]).double()
+        gram += patches.T @ patches
+        cross += patches.T @ error[start * per_image:start * per_image + len(patches)]
+        total += patches.sum(0)
+    mean = total / len(error)
+    gram -= len(error) * torch.outer(mean, mean)  # centred: the offset takes the mean
+    cross -= torch.outer(mean, error.sum(0))
+    diagonal = torch.diagonal(gram)
+    penalty = ridge * diagonal + 1e-12 * diagonal.max().clamp_min(1e-30)
+    full = torch.linalg.solve(gram + torch.diag(penalty), cross)  # [rows, cols]
+    fitted = full.T @ gram @ full
+    eigenvalues, eigenvectors = torch.linalg.eigh((fitted + fitted.T) / 2)
+    top = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:rank]]  # [cols, r]
+    down = full @ top  # [rows, min(r, cols)]: a correction of the cols outputs has rank cols at most
+    down = down / down.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    down = torch.cat([down, down.new_zeros(rows, rank - down.shape[1])], dim=1)
+    if slot.is_conv:
+        return down.T.reshape(rank, *slot.layer.weight_shape[1:]).float()
+    return down.float()
+
+
 def solve_tensors(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
-                  config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(up, gain, offset) of ``slot`` for one chip, shaped like its initializers, from the chip's
-    layer input ``x`` and raw output ``y`` and the output ``ideal`` it should have given."""
+                  config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(down, up, gain, offset) of ``slot`` for one chip, shaped like its initializers, from the
+    chip's layer input ``x`` and raw output ``y`` and the output ``ideal`` it should have given;
+    ``down`` is the compiled one unless the config solves it per chip."""
+    if config.projection == "chip" and down.numel():
+        rank = down.shape[0] if slot.is_conv else down.shape[1]
+        # the directions come from the whole error, not what a gain leaves of it: a gain fitted
+        # first mixes the layer's own weights into the residual, which then is no longer low rank
+        down = chip_projection(slot, x, _columns(slot, ideal.double() - y.double()), rank, config.projection_ridge)
+    return (down, *_solve_given(slot, x, y, ideal, down, config))
+
+
+def _solve_given(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
+                 config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(up, gain, offset) for a given down projection."""
     raw, error = _columns(slot, y).double(), (_columns(slot, ideal) - _columns(slot, y)).double()
     # a rank-0 slot (gain and offset only) has no branch to run (torch has no 0-channel conv)
     features = _down(slot, x, down).double() if down.numel() else raw.new_zeros(len(raw), 0)
@@ -236,9 +308,12 @@ def solve_tensors(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Ten
 def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
           config: CalibrationConfig) -> dict[str, np.ndarray]:
     """:func:`solve_tensors` as initializer values (name -> array)."""
-    up, gain, offset = solve_tensors(slot, x, y, ideal, down, config)
+    down, up, gain, offset = solve_tensors(slot, x, y, ideal, down, config)
     c = slot.candidate
-    return {c.up: up.detach().numpy(), c.gain: gain.detach().numpy(), c.offset: offset.detach().numpy()}
+    values = {c.up: up.detach().numpy(), c.gain: gain.detach().numpy(), c.offset: offset.detach().numpy()}
+    if config.projection == "chip" and down.numel():
+        values[c.down] = down.detach().numpy()
+    return values
 
 
 def calibrated_forward(module: TorchGraph, found: list[Slot], x: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:
@@ -263,8 +338,8 @@ def calibrated_forward(module: TorchGraph, found: list[Slot], x: torch.Tensor, c
         if slot is None:
             return None
         with torch.no_grad():
-            up, gain, offset = solve_tensors(slot, inputs[1], inputs[0], target[node.input[0]], inputs[2], config)
-        return OPS[op_key(node)]([*inputs[:3], up, inputs[4], gain, offset], attrs)
+            down, up, gain, offset = solve_tensors(slot, inputs[1], inputs[0], target[node.input[0]], inputs[2], config)
+        return OPS[op_key(node)]([*inputs[:2], down, up, inputs[4], gain, offset], attrs)
 
     return module(x, intercept=calibrate)
 
@@ -320,7 +395,8 @@ class Calibrator:
             solved = solve(slot, x_in, y, ideal.pop(node.input[0]), inputs[2], self.config)
             values.update(solved)
             c = slot.candidate
-            inputs = [*inputs[:3], torch.from_numpy(solved[c.up]), inputs[4],
+            inputs = [*inputs[:2], torch.from_numpy(solved[c.down]) if c.down in solved else inputs[2],
+                      torch.from_numpy(solved[c.up]), inputs[4],
                       torch.from_numpy(solved[c.gain]), torch.from_numpy(solved[c.offset])]
             return OPS[op_key(node)](inputs, attrs)
 
@@ -488,21 +564,8 @@ def calibrated_sigma_sweep(model: onnx.ModelProto, device: DeviceConfig, sigmas,
 # --- compile time: the down projections --------------------------------------------------------
 
 def _input_rows(slot: Slot, x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
-    """The layer's input as the rows its weight multiplies (im2col patches for a conv), at most ``limit``."""
-    if slot.is_conv:
-        attrs = slot.attrs
-        spatial = x.dim() - 2
-        if spatial not in (1, 2):
-            raise CalibrationError(f"layer '{slot.layer.node}': calibration supports 1-d and 2-d convolutions")
-        pads, strides, dilations = attrs["pads"], attrs["strides"], attrs["dilations"]
-        kernel = slot.layer.weight_shape[2:]
-        if spatial == 1:
-            x, kernel = x.unsqueeze(2), (1, *kernel)
-            pads, strides, dilations = [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations]
-        padded = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
-        rows = F.unfold(padded, kernel, dilation=dilations, stride=strides).transpose(1, 2).reshape(-1, slot.layer.rows)
-    else:
-        rows = x.reshape(-1, slot.layer.rows)
+    """The layer's input rows (:func:`_patches`), at most ``limit`` of them, drawn at random."""
+    rows = _patches(slot, x)
     if len(rows) > limit:
         rows = rows[torch.randperm(len(rows), generator=generator)[:limit]]
     return rows.double()

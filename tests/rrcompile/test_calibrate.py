@@ -39,7 +39,9 @@ def test_a_chip_without_variation_calibrates_to_the_uncalibrated_model(digits):
     device = parse_device("lognormal:sigma=0")
     compiled = slotted(model, device, x_train[:500])
     calibration = Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 3), x_train[:256])
-    assert set(calibration.values) == {name for c in candidates(compiled) for name in (c.up, c.gain, c.offset)}
+    # per chip: the gain, offset and up weights of every slot, and the down projection of every branch
+    assert set(calibration.values) == {name for c in candidates(compiled) for name in (c.up, c.gain, c.offset)} | {
+        c.down for c in candidates(compiled) if c.rank}
     chip_graph = calibration.apply(compiled)
     assert np.abs(run(chip_graph, x_test) - run(model, x_test)).max() <= 1e-5
 
@@ -82,13 +84,15 @@ class KnownDeviation(Chip):
         return x @ (self.weight + self.deviation)
 
 
-def test_a_full_rank_slot_recovers_the_ideal_output_of_a_known_deviation():
+@pytest.mark.parametrize("projection", ["chip", "compiled"])
+def test_a_full_rank_slot_recovers_the_ideal_output_of_a_known_deviation(projection):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((6, 4)).astype(np.float32)
     compiled = fit_projections(InsertCompensationCandidatesPass(ranks={"dense": 6}, calibrated=True)(linear_model(weight)).model,
                                parse_device("lognormal:sigma=0.3"), rng.standard_normal((200, 6)).astype(np.float32))
     chip = KnownDeviation(weight, rng.standard_normal(weight.shape).astype(np.float32) * 0.5)
-    calibrated = Calibrator(compiled, CalibrationConfig(ridge=0.0)).calibrate(chip, rng.standard_normal((64, 6)).astype(np.float32))
+    config = CalibrationConfig(ridge=0.0, projection=projection, projection_ridge=0.0)
+    calibrated = Calibrator(compiled, config).calibrate(chip, rng.standard_normal((64, 6)).astype(np.float32))
     parameters = {t.name.removeprefix("dense.compensation_"): numpy_helper.to_array(t)
                   for t in calibrated.apply(compiled).graph.initializer if t.name.startswith("dense.compensation_")}
     fresh = rng.standard_normal((32, 6)).astype(np.float32)  # images the calibration never saw
@@ -187,3 +191,32 @@ def test_read_noise_is_drawn_per_chunk_of_calibration_images(digits):
     out = chip.run_layer("conv1", x)
     first, second = out[:SimulatedChip.READ_CHUNK], out[SimulatedChip.READ_CHUNK:]
     assert np.array_equal(first[0], first[-1]) and not np.array_equal(first[0], second[0])
+
+
+def test_a_per_chip_projection_finds_a_low_rank_deviation_the_compiled_one_misses():
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((12, 6)).astype(np.float32)
+    x = rng.standard_normal((256, 12)).astype(np.float32)
+    # rank-1 slots; the chip's deviation is rank 1 too, along an input direction no sampled chip prefers
+    compiled = fit_projections(InsertCompensationCandidatesPass(ranks={"dense": 1}, calibrated=True)(linear_model(weight)).model,
+                               parse_device("lognormal:sigma=0.3"), x)
+    deviation = np.outer(rng.standard_normal(12), rng.standard_normal(6)).astype(np.float32)
+    chip = KnownDeviation(weight, deviation)
+    fresh = rng.standard_normal((64, 12)).astype(np.float32)
+    left = {}
+    for projection in ("chip", "compiled"):
+        config = CalibrationConfig(ridge=1e-6, projection=projection, projection_ridge=1e-6)
+        graph = Calibrator(compiled, config).calibrate(chip, x).apply(compiled)
+        parameters = {t.name.removeprefix("dense.compensation_"): numpy_helper.to_array(t)
+                      for t in graph.graph.initializer if t.name.startswith("dense.compensation_")}
+        corrected = DenseCalibration.apply(chip.run_layer("dense", fresh), fresh, parameters["down"], parameters["up"],
+                                           parameters["gate"], parameters["gain"], parameters["offset"])
+        left[projection] = np.abs(corrected - fresh @ weight).max()
+    assert left["chip"] < 1e-3 < left["compiled"]
+
+
+def test_calibration_options_are_checked():
+    with pytest.raises(ValueError, match="projection 'learned'"):
+        CalibrationConfig(projection="learned")
+    with pytest.raises(ValueError, match="projection ridge -1"):
+        CalibrationConfig(projection_ridge=-1)

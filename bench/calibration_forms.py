@@ -1,0 +1,102 @@
+"""Which calibration form repairs a chip best: the measurement behind ``rrcompile.calibrate``'s design.
+
+One model (as shipped, no fine-tune), calibration slots at fixed ranks, the same chips, the same
+256 unlabeled calibration images; per form, the calibrated accuracy over the test set:
+
+- ``compiled``: the down projection ``Wd`` fixed at compile time (error-weighted principal
+  directions, ``fit_projections``), the up projection, gain and offset solved per chip;
+- ``chip``: ``Wd`` solved per chip as well (reduced-rank ridge regression, ``chip_projection``);
+- ``chip, no gain/offset``: as ``chip``, with the per-column gain and offset left at 1 and 0;
+- ``compiled, layer target``: ``compiled``, each slot matching the ideal ``W x`` on the input its
+  layer saw instead of the clean network's output there.
+
+    python bench/calibration_forms.py                                  # LeNet-5, sigma 0.5, 8 chips
+    python bench/calibration_forms.py --sigma 0.7 --ranks 4,2,1,0,4 --chips 20
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rrcompile.calibrate import CalibrationConfig, Calibrator, SimulatedChip, fit_projections
+from rrcompile.data import Preprocess, fit_to_input, load_data
+from rrcompile.devices import parse_device
+from rrcompile.evaluate import MonteCarloEvaluator, model_io
+from rrcompile.graph import analog_layers
+from rrcompile.io import load_model
+from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
+from rrcompile.pipeline import canonicalize
+from rrcompile.report import format_table, percent, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+MODELS = {  # name: (model, data spec, mean, std)
+    "digits": (REPO / "models" / "digits_cnn.onnx", "digits", "0", "1"),
+    "lenet5-mnist": (SHARED / "models" / "lenet5_mnist.onnx", f"mnist:{SHARED / 'mnist'}", "0.1307", "0.3081"),
+    "vgg-fashion": (REPO / "models" / "vgg_fashion.onnx", f"fashion-mnist:{SHARED / 'fashion-mnist'}", "0", "1"),
+}
+FORMS = {
+    "compiled": CalibrationConfig(projection="compiled"),
+    "chip": CalibrationConfig(projection="chip"),
+    "chip, no gain/offset": CalibrationConfig(projection="chip", affine=False),
+    "compiled, layer target": CalibrationConfig(projection="compiled", target="layer"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet5-mnist", choices=sorted(MODELS))
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--ranks", default="4,2,1,0,4", help="a rank per analog layer, in graph order")
+    parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--chips", type=int, default=8)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "calibration_forms.json"))
+    args = parser.parse_args()
+    path, spec, mean, std = MODELS[args.model]
+    if not path.exists() or (":" in spec and not Path(spec.split(":", 1)[1]).exists()):
+        raise SystemExit(f"{path} or its data is missing")
+    device = parse_device(f"lognormal:sigma={args.sigma}")
+    model = canonicalize(load_model(path))
+    input_name, input_shape = model_io(model)
+    preprocess = Preprocess.parse("255", mean, std)
+    train, test = load_data(spec, "train"), load_data(spec, "test")
+    x_train = fit_to_input(preprocess.apply(train.x[:2000]), input_name, input_shape)
+    x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape)
+    layers = analog_layers(model)
+    ranks = dict(zip((layer.node for layer in layers), map(int, args.ranks.split(","))))
+    slotted = InsertCompensationCandidatesPass(ranks=ranks, calibrated=True)(model).model
+    slotted = fit_projections(slotted, device, x_train, seed=args.seed)
+    evaluator = MonteCarloEvaluator(slotted, device)
+    x_calibration = x_train[:args.images]
+    raw = [evaluator.chip_accuracy(x_test, test.y, args.seed, chip) for chip in range(args.chips)]
+    results, rows = {}, []
+    for form in args.forms.split(","):
+        calibrator = Calibrator(slotted, FORMS[form])
+        accuracies, seconds = [], []
+        for chip in range(args.chips):
+            simulated = SimulatedChip(slotted, device, args.seed, chip, varied=evaluator.varied_model)
+            started = time.perf_counter()
+            values = calibrator.calibrate(simulated, x_calibration).values
+            seconds.append(time.perf_counter() - started)
+            accuracies.append(evaluator.chip_accuracy(x_test, test.y, args.seed, chip, values))
+        results[form] = {"chips": accuracies, "mean": float(np.mean(accuracies)), "worst": min(accuracies),
+                         "calibrate_seconds": seconds}
+        rows.append([form, percent(np.mean(accuracies)), percent(min(accuracies)), f"{statistics.median(seconds):.3f}"])
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    write_json({"args": vars(args), "machine": machine, "ranks": ranks, "uncalibrated": raw, "forms": results}, args.json)
+    print(f"{args.model}, lognormal sigma {args.sigma}, ranks {args.ranks}, chips 0..{args.chips - 1} of seed {args.seed}, "
+          f"{args.images} calibration images; uncalibrated mean {percent(np.mean(raw))}; {machine}\n")
+    print(format_table(["form", "calibrated mean", "worst chip", "calibrate: median s"], rows, "lrrr", markdown=True))
+
+
+if __name__ == "__main__":
+    main()
