@@ -52,6 +52,22 @@ def with_up_weights(model: onnx.ModelProto, seed: int = 0, scale: float = 0.5) -
     return model
 
 
+def small_compensation_env():
+    """The small selection problem the agent tests share: the digits CNN with a compensation
+    candidate per layer (random up weights, so each acts), 200 images, 3 chips."""
+    from rrcompile.data import load_data
+    from rrcompile.devices import parse_device
+    from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
+    from rrcompile.pipeline import canonicalize
+    from rrcompile.rl.environment import CompensationEnv
+
+    model = canonicalize(onnx.load(str(DIGITS_MODEL)))
+    compensated = with_up_weights(InsertCompensationCandidatesPass(budget=0.05)(model).model, seed=3)
+    data = load_data("digits").subset(200)
+    return CompensationEnv(compensated, parse_device("lognormal:sigma=0.5"), data.x / np.float32(255), data.y,
+                           chips=3, seed=1, overhead_weight=0.5)
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -1,27 +1,16 @@
 """The selection interface and the baselines compile compares the agent with."""
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import pytest
-from conftest import DIGITS_MODEL, with_up_weights
+from conftest import small_compensation_env
 
-from rrcompile.data import load_data
-from rrcompile.devices import parse_device
-from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
-from rrcompile.pipeline import canonicalize
-from rrcompile.rl.environment import CompensationEnv
 from rrcompile.rl.reinforce import Reinforce
 from rrcompile.rl.selection import Fixed, GreedyBySensitivity, SelectionStrategy, search_result
 
 
 @pytest.fixture(scope="module")
 def env():
-    model = canonicalize(onnx.load(str(DIGITS_MODEL)))
-    compensated = with_up_weights(InsertCompensationCandidatesPass(budget=0.05)(model).model, seed=3)
-    data = load_data("digits").subset(200)
-    return CompensationEnv(compensated, parse_device("lognormal:sigma=0.5"), data.x / np.float32(255), data.y,
-                           chips=3, seed=1, overhead_weight=0.5)
+    return small_compensation_env()
 
 
 def test_greedy_respects_the_budget_and_fixed_spends_nothing_or_everything(env):
