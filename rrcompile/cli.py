@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import onnx
 
 from rrcompile import pipeline
@@ -27,6 +28,7 @@ from rrcompile.compensation_training import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
 from rrcompile.deploy import compiled_device, deploy
+from rrcompile.crossbar import ADC_IMAGES, needs_adc_ranges
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
@@ -154,6 +156,15 @@ def calibration_images(args: argparse.Namespace, count: int, preprocess: Preproc
     return evaluator.prepare(preprocess.apply(train.x), train.name)
 
 
+def adc_images(args: argparse.Namespace, model: onnx.ModelProto, device: DeviceConfig,
+               preprocess: Preprocess) -> np.ndarray | None:
+    """The training images that fix the ADC ranges of a device with an ``adc`` term (else None)."""
+    if not needs_adc_ranges(device):
+        return None
+    train = load_data(args.data, "train").subset(ADC_IMAGES)
+    return fit_to_input(preprocess.apply(train.x), *model_io(model), data_name=train.name)
+
+
 def sweep_table(results: dict[float, ChipStats]) -> str:
     return format_table(["sigma", "mean", "std", "5th pct", "worst", "yield"], [
         [f"{s:g}", percent(r.mean), percent(r.std), percent(r.p5), percent(r.worst), percent(r.yield_)]
@@ -169,7 +180,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with outputs(input_files(args, args.device), {"--json": args.json, "--plot": plot_path}) as out:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
-            evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size)
+            if args.calibrate:
+                device.refuse_crossbar("evaluate --calibrate")
+            x_adc = adc_images(args, model, device, preprocess)
+            evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size, adc_images=x_adc)
             calibrator = Calibrator(model) if args.calibrate else None  # refuses a model without slots
         data = load_data(args.data, args.split).subset(args.limit)
         check_labels(data, model)
@@ -205,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                      args.samples, args.seed, progress=args.progress)
             else:
                 results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
-                                      batch_size=args.batch_size, progress=args.progress)
+                                      batch_size=args.batch_size, progress=args.progress, adc_images=x_adc)
             print("\naccuracy vs log-normal sigma" + (", uncalibrated" if calibrator else ""))
             print(sweep_table(results))
             report["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in results.items()]
@@ -242,6 +256,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with outputs([*input_files(args, args.device), args.measured], planned) as out:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
+            device.refuse_crossbar("rrcompile calibrate")
             # measured in one pass, the layers saw the uncalibrated chip's inputs: match W x on them
             calibrator = Calibrator(model, CalibrationConfig(target="layer") if args.single_pass else CalibrationConfig())
             evaluator = MonteCarloEvaluator(model, device)
@@ -363,6 +378,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             for device in (config.noise_injection, config.validation_device):
                 if device is not None:
                     device.check_patterns(analog_layers(model))
+                    device.refuse_crossbar("rrcompile finetune")
             input_name, input_shape = model_io(model)
         data = load_data(args.data, "train").subset(args.limit)
         check_labels(data, model)
@@ -442,6 +458,7 @@ class _Compiled:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
+    device.refuse_crossbar("rrcompile compile")
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
     options = compile_options(args, device)
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
@@ -639,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["test", "train"])
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     ev.add_argument("--device", default=None,
-                    help=f"device models, e.g. lognormal:sigma=0.5+read:eta=0.01, or a .json/.yaml device file "
+                    help=f"device models, e.g. lognormal:sigma=0.5+read:eta=0.01 or tile:size=128+adc:bits=8+lognormal:"
+                         f"sigma=0.5 (ADC ranges fixed on {ADC_IMAGES} train images), or a .json/.yaml device file "
                          f"(default: {DEFAULT_DEVICE}; a simulation graph brings its own)")
     ev.add_argument("--samples", type=positive_int, default=CHIPS, help="simulated chips (Monte Carlo samples)")
     ev.add_argument("--seed", type=nonnegative_int, default=0)

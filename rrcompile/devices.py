@@ -10,6 +10,12 @@ uniform tensor shaped like ``W`` as an extra graph input, which the Monte Carlo 
 from its seeded generator. One draw of the per-chip tensors is one simulated chip; read noise is
 drawn again for every inference (every ``session.run``).
 
+Two more kinds of term describe the crossbar a layer runs on rather than a weight effect
+(:class:`CrossbarModel`): ``tile`` (the layer split over arrays of ``size`` rows, partial sums per
+array, digital accumulation) and ``adc`` (each array's column outputs clipped to a range and
+quantized before the accumulation). They change the layer's computation, not its weight; their
+ONNX functions, numpy references and torch versions are in :mod:`rrcompile.crossbar`.
+
 torch is imported inside the ``apply_torch`` methods only: the evaluator and the passes use this
 module without it, and importing torch costs seconds.
 """
@@ -61,18 +67,78 @@ def _const(value: float, output: str) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [output], value_float=value)
 
 
-class DeviceModel(abc.ABC):
-    """One physical effect on the programmed conductances of a layer."""
+class DeviceTerm:
+    """One ``kind:param=value`` term of a device spec: its parameters, their checks and its spec."""
 
     kind: ClassVar[str]  # name in device specs
-    op_type: ClassVar[str]  # function name in the ai.rrcompile domain
     order: ClassVar[int]  # physical order of application within a layer
-    noise: ClassVar[Noise | None]  # the random tensor it reads, if any
-    params: ClassVar[tuple[str, ...]]
+    params: ClassVar[tuple[str, ...]]  # numeric parameters, all required unless in ``defaults`` or ``optional``
+    defaults: ClassVar[dict[str, float]] = {}
+    optional: ClassVar[tuple[str, ...]] = ()  # parameters whose default ``validate`` derives from the others
+    noise: ClassVar[Noise | None] = None  # a weight-shaped random tensor it reads, if any
 
     def __init__(self, **values: float):
-        self.values = values
+        self.values = {**self.defaults, **values}
         self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def accepted(cls) -> tuple[str, ...]:
+        """The parameter names a spec may give."""
+        return cls.params
+
+    @classmethod
+    def from_spec(cls, raw: dict[str, str], term: str) -> "DeviceTerm":
+        """The term from its spec's ``key -> value text`` (keys already checked against :meth:`accepted`)."""
+        values: dict[str, float] = {}
+        for key, value in raw.items():
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise DeviceSpecError(f"device '{cls.kind}': {key}={value!r} is not a number") from None
+        missing = [p for p in cls.params if p not in values and p not in cls.defaults and p not in cls.optional]
+        if missing:
+            raise DeviceSpecError(f"device '{cls.kind}': missing {', '.join(missing)} in '{term}'")
+        return cls(**values)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the parameters switch the effect off (sigma = 0 and the like)."""
+        return all(self.values[p] == 0 for p in self.params)
+
+    def with_values(self, **values: float) -> "DeviceTerm":
+        return type(self)(**{**self.values, **values})
+
+    def spec(self) -> str:
+        return f"{self.kind}:" + ",".join(f"{k}={self.values[k]:g}" for k in self.params)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.values == self.values
+
+    def __repr__(self) -> str:
+        return self.spec()
+
+    def _check_range(self, name: str, low: float, high: float = float("inf")) -> None:
+        value = self.values[name]
+        if not math.isfinite(value):
+            raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be a finite number")
+        if not low <= value <= high:
+            bound = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
+            raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be {bound}")
+
+    def _check_integer(self, name: str, low: int, high: int) -> None:
+        value = self.values[name]
+        if not math.isfinite(value) or value != int(value) or not low <= value <= high:
+            raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be an integer in [{low}, {high}]")
+        self.values[name] = int(value)
+
+
+class DeviceModel(DeviceTerm, abc.ABC):
+    """One physical effect on the programmed conductances of a layer."""
+
+    op_type: ClassVar[str]  # function name in the ai.rrcompile domain
 
     @abc.abstractmethod
     def validate(self) -> None: ...
@@ -95,10 +161,10 @@ class DeviceModel(abc.ABC):
         """Whether the function takes the layer range ``R`` as its second input."""
         return "R" in cls.body()[0]
 
-    @property
-    def is_identity(self) -> bool:
-        """True when the parameters switch the effect off (sigma = 0 and the like)."""
-        return all(self.values[p] == 0 for p in self.params)
+    @classmethod
+    def noise_shape(cls, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the random tensor it reads for a weight of ``weight_shape``."""
+        return tuple(weight_shape)
 
     @classmethod
     def function_proto(cls) -> onnx.FunctionProto:
@@ -108,23 +174,6 @@ class DeviceModel(abc.ABC):
             [helper.make_opsetid("", TARGET_OPSET)], attributes=list(cls.params),
             doc_string=(cls.__doc__ or "").strip().splitlines()[0],
         )
-
-    def spec(self) -> str:
-        return f"{self.kind}:" + ",".join(f"{k}={self.values[k]:g}" for k in self.params)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.values == self.values
-
-    def __repr__(self) -> str:
-        return self.spec()
-
-    def _check_range(self, name: str, low: float, high: float = float("inf")) -> None:
-        value = self.values[name]
-        if not math.isfinite(value):
-            raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be a finite number")
-        if not low <= value <= high:
-            bound = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
-            raise DeviceSpecError(f"device '{self.kind}': {name}={value:g} must be {bound}")
 
 
 class LogNormalVariation(DeviceModel):
@@ -138,8 +187,25 @@ class LogNormalVariation(DeviceModel):
     noise = Noise("normal", "chip")
     params = ("sigma",)
 
+    MAPPINGS = ("single", "differential")
+
     def validate(self) -> None:
         self._check_range("sigma", 0.0)
+
+    @classmethod
+    def accepted(cls) -> tuple[str, ...]:
+        return ("sigma", "mapping", "g0")
+
+    @classmethod
+    def from_spec(cls, raw: dict[str, str], term: str) -> DeviceTerm:
+        raw = dict(raw)
+        mapping = raw.pop("mapping", "single").strip()
+        if mapping not in cls.MAPPINGS:
+            raise DeviceSpecError(f"device 'lognormal': unknown mapping '{mapping}' (expected {' or '.join(cls.MAPPINGS)})")
+        if mapping == "single" and "g0" in raw:
+            raise DeviceSpecError("device 'lognormal': g0 is the reference conductance of mapping=differential only")
+        target = DifferentialLogNormalVariation if mapping == "differential" else LogNormalVariation
+        return DeviceTerm.from_spec.__func__(target, raw, term)
 
     @classmethod
     def body(cls):
@@ -157,6 +223,79 @@ class LogNormalVariation(DeviceModel):
         import torch
 
         return w * torch.exp(noise * self.values["sigma"])
+
+
+class DifferentialLogNormalVariation(LogNormalVariation):
+    """Log-normal variation of a differential conductance pair, each conductance varied on its own, per chip.
+
+    A signed weight is stored as two cells, ``W = G+ - G-`` with ``G+ = max(W, 0) + g0 * R`` and
+    ``G- = max(-W, 0) + g0 * R`` (``R = max|W|``; ``g0``, default 0.1, is the reference conductance of
+    the idle cell relative to the range: an on/off ratio of about 11, a usual RRAM window, Yu, Proc.
+    IEEE 2018). Each cell deviates as in CorrectNet's eq. (1):
+    ``Y = G+ * exp(sigma * Z+) - G- * exp(sigma * Z-)``, ``Z+, Z-`` independent standard normals (the
+    noise input ``Z`` is ``[2, *W.shape]``). Unlike the single-cell model, a weight near zero keeps
+    an absolute error of about ``g0 * R * sigma * sqrt(2)`` (the pair's mapping as in aihwkit's
+    ``PCMLikeNoiseModel``, Joshi et al., Nature Communications 11, 2473, 2020).
+    """
+
+    op_type = "DifferentialLogNormalVariation"
+    params = ("sigma", "g0")
+    defaults = {"g0": 0.1}
+
+    def validate(self) -> None:
+        self._check_range("sigma", 0.0)
+        self._check_range("g0", 0.0)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.values["sigma"] == 0
+
+    def spec(self) -> str:
+        return f"lognormal:sigma={self.values['sigma']:g},mapping=differential,g0={self.values['g0']:g}"
+
+    @classmethod
+    def noise_shape(cls, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (2, *weight_shape)
+
+    @classmethod
+    def body(cls):
+        return ["W", "R", "Z"], [
+            _param("sigma", "sigma"), _param("g0", "g0"), _const(0.0, "zero"),
+            helper.make_node("Constant", [], ["first"], value_ints=[0]),
+            helper.make_node("Constant", [], ["second"], value_ints=[1]),
+            helper.make_node("Mul", ["R", "g0"], ["reference"]),
+            helper.make_node("Max", ["W", "zero"], ["positive"]),
+            helper.make_node("Neg", ["W"], ["minus_w"]),
+            helper.make_node("Max", ["minus_w", "zero"], ["negative"]),
+            helper.make_node("Add", ["positive", "reference"], ["g_plus"]),
+            helper.make_node("Add", ["negative", "reference"], ["g_minus"]),
+            helper.make_node("Gather", ["Z", "first"], ["z_plus_1"], axis=0),
+            helper.make_node("Gather", ["Z", "second"], ["z_minus_1"], axis=0),
+            helper.make_node("Squeeze", ["z_plus_1", "first"], ["z_plus"]),
+            helper.make_node("Squeeze", ["z_minus_1", "first"], ["z_minus"]),
+            helper.make_node("Mul", ["z_plus", "sigma"], ["theta_plus"]),
+            helper.make_node("Mul", ["z_minus", "sigma"], ["theta_minus"]),
+            helper.make_node("Exp", ["theta_plus"], ["factor_plus"]),
+            helper.make_node("Exp", ["theta_minus"], ["factor_minus"]),
+            helper.make_node("Mul", ["g_plus", "factor_plus"], ["varied_plus"]),
+            helper.make_node("Mul", ["g_minus", "factor_minus"], ["varied_minus"]),
+            helper.make_node("Sub", ["varied_plus", "varied_minus"], ["Y"]),
+        ]
+
+    def apply(self, w, w_range, noise):
+        sigma, reference = np.float32(self.values["sigma"]), np.float32(w_range) * np.float32(self.values["g0"])
+        g_plus = np.maximum(w, np.float32(0)) + reference
+        g_minus = np.maximum(-w, np.float32(0)) + reference
+        return g_plus * np.exp(noise[0] * sigma) - g_minus * np.exp(noise[1] * sigma)
+
+    def apply_torch(self, w, w_range, noise):
+        import torch
+
+        reference = w_range * torch.tensor(self.values["g0"], dtype=torch.float32)
+        g_plus = torch.clamp_min(w, 0.0) + reference
+        g_minus = torch.clamp_min(-w, 0.0) + reference
+        sigma = self.values["sigma"]
+        return g_plus * torch.exp(noise[0] * sigma) - g_minus * torch.exp(noise[1] * sigma)
 
 
 class _AdditiveNoise(DeviceModel):
@@ -306,11 +445,114 @@ class StuckAtFault(DeviceModel):
         return torch.where(noise < self.values["p_off"], torch.zeros_like(w), y)
 
 
+class CrossbarModel(DeviceTerm):
+    """The crossbar a layer runs on (tiles, ADCs): changes the layer's computation, not its weight.
+
+    Applied after every weight effect; :mod:`rrcompile.crossbar` rewrites the layer (its ONNX
+    functions, numpy references and torch versions live there).
+    """
+
+    @property
+    def random(self) -> bool:
+        """Whether it draws anything (two chips, or two runs, then differ)."""
+        return False
+
+
+class Tile(CrossbarModel):
+    """Crossbar tiles: the layer's ``rows x cols`` matrix split over arrays of ``size`` rows and ``cols`` columns.
+
+    Rows are the layer's fan-in (``Cin/group x kh x kw`` for a convolution, in the weight's own
+    order, as ``rrcompile inspect`` counts them); tile ``t`` holds rows ``t*size .. (t+1)*size - 1``.
+    Each array computes its partial sums ``P_t = sum_{r in t} x_r W_r`` in the analog domain; the
+    partial sums are added in digital logic, ``Y = sum_t ADC(P_t) + b`` (the bias digital too, as
+    aihwkit's ``digital_bias``). Without an ``adc`` term the ADC is ideal and the result equals the
+    untiled layer. Columns matter only to the ADC ranges (one range per array). The organisation is
+    ISAAC's (Shafiee et al., ISCA 2016: 128 x 128 arrays, partial sums shifted and added digitally).
+    Default ``size=128``, ``cols=size``.
+    """
+
+    kind, order = "tile", 10
+    params = ("size", "cols")
+    defaults = {"size": 128.0}
+    optional = ("cols",)
+
+    def validate(self) -> None:
+        self._check_integer("size", 1, 1 << 20)
+        self.values.setdefault("cols", self.values["size"])
+        self._check_integer("cols", 1, 1 << 20)
+
+    @property
+    def is_identity(self) -> bool:
+        return True  # tiling alone changes no number (up to float summation order)
+
+
+class Adc(CrossbarModel):
+    """ADCs after every tile: each array's column outputs clipped to ``[-A, A]`` and quantized to
+    ``2^bits - 1`` levels before the digital accumulation.
+
+    ``Y_t = clip(round((P_t + noise * A * Z) / delta), -L, L) * delta``, ``L = 2^(bits-1) - 1``,
+    ``delta = A / L``: a symmetric mid-tread converter with zero as a level, the form of aihwkit's
+    output discretization (``out_res = 1 / (2^bits - 2)`` over ``[-out_bound, out_bound]``, Rasch et
+    al., 2021). The full scale ``A`` is fixed per tile (and column block) at compile time: the
+    ``range``-th percentile (default 100, the largest) of ``|P_t|`` of the clean network on training
+    images, stored in the graph as ``<layer>.adc_range``. ``noise`` (default 0) adds Gaussian ADC
+    noise of standard deviation ``noise * A`` to every conversion, drawn anew for every inference
+    (one draw per output position and column, shared by the images of one run, as read noise is).
+    """
+
+    kind, order = "adc", 11
+    params = ("bits", "range", "noise")
+    defaults = {"range": 100.0, "noise": 0.0}
+
+    def validate(self) -> None:
+        self._check_integer("bits", 2, 24)
+        range_ = self.values["range"]
+        if not math.isfinite(range_) or not 0 < range_ <= 100:
+            raise DeviceSpecError(f"device 'adc': range={range_:g} must be a percentile in (0, 100]")
+        self._check_range("noise", 0.0)
+
+    @property
+    def levels(self) -> int:
+        """Non-negative levels of the converter, ``L = 2^(bits-1) - 1``."""
+        return (1 << (self.values["bits"] - 1)) - 1
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    @property
+    def random(self) -> bool:
+        return self.values["noise"] > 0
+
+    def spec(self) -> str:
+        return (f"adc:bits={self.values['bits']}" + (f",range={self.values['range']:g}" if self.values["range"] != 100 else "")
+                + (f",noise={self.values['noise']:g}" if self.values["noise"] else ""))
+
+
 DEVICE_MODELS: dict[str, type[DeviceModel]] = {
     cls.kind: cls for cls in (LogNormalVariation, ProgrammingNoise, ReadNoise, Quantize, StuckAtFault)
 }
-BY_OP_TYPE: dict[str, type[DeviceModel]] = {cls.op_type: cls for cls in DEVICE_MODELS.values()}
+CROSSBAR_MODELS: dict[str, type[CrossbarModel]] = {cls.kind: cls for cls in (Tile, Adc)}
+KINDS: dict[str, type[DeviceTerm]] = {**DEVICE_MODELS, **CROSSBAR_MODELS}
+# every weight-effect function, variants of a kind included (lognormal's differential mapping)
+BY_OP_TYPE: dict[str, type[DeviceModel]] = {
+    cls.op_type: cls for cls in (*DEVICE_MODELS.values(), DifferentialLogNormalVariation)
+}
 ALIASES = {"additive": "programming", "stuck-at": "stuck", "quant": "quantize"}
+ADC_NOISE = Noise("normal", "inference")
+ADC_NOISE_OP = "AdcNoise"  # the ADC function that reads a noise input (rrcompile.crossbar)
+
+
+def weight_models(stack: list[DeviceTerm]) -> list[DeviceModel]:
+    """The weight effects of a layer's stack, in physical order."""
+    return [m for m in stack if isinstance(m, DeviceModel)]
+
+
+def crossbar_models(stack: list[DeviceTerm]) -> tuple[Tile | None, Adc | None]:
+    """The layer's tile and ADC terms (None where the stack has none)."""
+    tile = next((m for m in stack if isinstance(m, Tile)), None)
+    adc = next((m for m in stack if isinstance(m, Adc)), None)
+    return tile, adc
 
 
 def is_variation(node: onnx.NodeProto) -> bool:
@@ -318,41 +560,37 @@ def is_variation(node: onnx.NodeProto) -> bool:
     return node.domain == RRCOMPILE_DOMAIN and node.op_type in BY_OP_TYPE
 
 
-def parse_models(spec: str) -> list[DeviceModel]:
-    """Parse ``kind:key=value,...`` terms joined by ``+``, e.g. ``lognormal:sigma=0.5+read:eta=0.01``.
+def parse_models(spec: str) -> list[DeviceTerm]:
+    """Parse ``kind:key=value,...`` terms joined by ``+``, e.g. ``lognormal:sigma=0.5+read:eta=0.01``
+    or ``tile:size=128+adc:bits=8+lognormal:sigma=0.5``.
 
-    ``none`` (or an empty string) means no variation. The result is in physical order.
+    ``none`` (or an empty string) means no variation. The result is in physical order (weight
+    effects first, then the crossbar terms).
     """
     spec = spec.strip()
     if spec in ("", "none"):
         return []
-    models: dict[str, DeviceModel] = {}
+    models: dict[str, DeviceTerm] = {}
     for term in spec.split("+"):
         kind, _, arg_text = term.strip().partition(":")
         kind = ALIASES.get(kind.strip(), kind.strip())
-        if kind not in DEVICE_MODELS:
-            raise DeviceSpecError(f"unknown device model '{kind}' in '{spec}' (known: {', '.join(DEVICE_MODELS)})")
-        cls = DEVICE_MODELS[kind]
-        values: dict[str, float] = {}
+        if kind not in KINDS:
+            raise DeviceSpecError(f"unknown device model '{kind}' in '{spec}' (known: {', '.join(KINDS)})")
+        cls = KINDS[kind]
+        raw: dict[str, str] = {}
         for pair in filter(None, (p.strip() for p in arg_text.split(","))):
             key, eq, value = pair.partition("=")
             key = key.strip()
-            if not eq or key not in cls.params:
-                raise DeviceSpecError(f"device '{kind}': bad parameter '{pair}' (expected {', '.join(p + '=...' for p in cls.params)})")
-            try:
-                values[key] = float(value)
-            except ValueError:
-                raise DeviceSpecError(f"device '{kind}': {key}={value!r} is not a number") from None
-        missing = [p for p in cls.params if p not in values]
-        if missing:
-            raise DeviceSpecError(f"device '{kind}': missing {', '.join(missing)} in '{term.strip()}'")
+            if not eq or key not in cls.accepted():
+                raise DeviceSpecError(f"device '{kind}': bad parameter '{pair}' (expected {', '.join(p + '=...' for p in cls.accepted())})")
+            raw[key] = value.strip()
         if kind in models:
             raise DeviceSpecError(f"device '{kind}' given twice in '{spec}'")
-        models[kind] = cls(**values)
+        models[kind] = cls.from_spec(raw, term.strip())
     return sorted(models.values(), key=lambda m: m.order)
 
 
-def _models_from_value(value: Any, where: str) -> list[DeviceModel]:
+def _models_from_value(value: Any, where: str) -> list[DeviceTerm]:
     """A device-file entry: a spec string, a list of spec strings, or ``{kind: {param: value}}``."""
     if value is None:
         return []
@@ -378,11 +616,11 @@ class DeviceConfig:
     shell-style wildcards (``Gemm_*``); an empty stack keeps a layer exact (e.g. digital).
     """
 
-    default: list[DeviceModel]
-    layers: dict[str, list[DeviceModel]] = dataclasses.field(default_factory=dict)
+    default: list[DeviceTerm]
+    layers: dict[str, list[DeviceTerm]] = dataclasses.field(default_factory=dict)
     source: str | None = dataclasses.field(default=None, compare=False)  # the device file, for messages
 
-    def for_layer(self, node: str, weight: str) -> list[DeviceModel]:
+    def for_layer(self, node: str, weight: str) -> list[DeviceTerm]:
         for pattern, models in self.layers.items():
             if fnmatch.fnmatchcase(node, pattern) or fnmatch.fnmatchcase(weight, pattern):
                 return models
@@ -398,20 +636,37 @@ class DeviceConfig:
                 raise DeviceSpecError(f"{where}layer pattern '{pattern}' matches no analog layer of the model "
                                       f"(analog layers: {names})")
 
-    def stacks(self) -> list[list[DeviceModel]]:
+    def stacks(self) -> list[list[DeviceTerm]]:
         return [self.default, *self.layers.values()]
 
     @property
     def is_identity(self) -> bool:
         return all(m.is_identity for stack in self.stacks() for m in stack)
 
+    @property
+    def same_chips(self) -> bool:
+        """Every chip is the same chip: each weight effect is off and no crossbar term draws noise."""
+        return all(m.is_identity if isinstance(m, DeviceModel) else not m.random
+                   for stack in self.stacks() for m in stack)
+
+    @property
+    def crossbar(self) -> bool:
+        """Whether some layer has a tile or ADC term."""
+        return any(isinstance(m, CrossbarModel) for stack in self.stacks() for m in stack)
+
+    def refuse_crossbar(self, what: str) -> None:
+        """A one-line refusal for the parts of rrcompile that do not model tiles and ADCs yet."""
+        if self.crossbar:
+            raise DeviceSpecError(f"{what} does not support the crossbar terms 'tile' and 'adc' yet "
+                                  f"(rrcompile evaluate does); drop them from --device")
+
     def with_sigma(self, sigma: float) -> "DeviceConfig":
         """The same config with every log-normal sigma set to ``sigma`` (for sigma sweeps)."""
         if not any(isinstance(m, LogNormalVariation) for stack in self.stacks() for m in stack):
             raise DeviceSpecError("a sigma sweep needs a 'lognormal' device model in --device")
 
-        def swap(stack: list[DeviceModel]) -> list[DeviceModel]:
-            return [LogNormalVariation(sigma=sigma) if isinstance(m, LogNormalVariation) else m for m in stack]
+        def swap(stack: list[DeviceTerm]) -> list[DeviceTerm]:
+            return [m.with_values(sigma=sigma) if isinstance(m, LogNormalVariation) else m for m in stack]
 
         return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()}, self.source)
 
@@ -478,33 +733,47 @@ class NoiseInput:
 
 def noise_inputs(model: onnx.ModelProto) -> list[NoiseInput]:
     """The graph inputs of a varied model that carry random draws, with what to draw for each."""
-    readers: dict[str, type[DeviceModel]] = {}
+    readers: dict[str, Noise] = {}
     for node in model.graph.node:
         if is_variation(node):
             cls = BY_OP_TYPE[node.op_type]
             if cls.noise is not None:
-                readers[node.input[-1]] = cls
+                readers[node.input[-1]] = cls.noise
+        elif node.domain == RRCOMPILE_DOMAIN and node.op_type == ADC_NOISE_OP:
+            readers[node.input[-1]] = ADC_NOISE
     found = []
     for vi in model.graph.input:
         if vi.name in readers:
             shape = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-            found.append(NoiseInput(vi.name, shape, readers[vi.name].noise))
+            found.append(NoiseInput(vi.name, shape, readers[vi.name]))
     return found
 
 
 def simulated_device(model: onnx.ModelProto) -> DeviceConfig | None:
-    """The device a simulation graph carries: each analog layer's chain of variation ops, read back
-    into device models (per layer, by node name); None for a graph without variation ops."""
+    """The device a simulation graph carries: each analog layer's chain of variation ops, and its
+    tile and ADC (the attributes of its ``<layer>.tile_weight`` and ``<layer>.adc`` nodes), read
+    back into device terms (per layer, by node name); None for a graph without variation ops."""
     producer = producers(model)
-    layers: dict[str, list[DeviceModel]] = {}
+    by_name = {node.name: node for node in model.graph.node if node.domain == RRCOMPILE_DOMAIN}
+    layers: dict[str, list[DeviceTerm]] = {}
     for node in model.graph.node:
         if not is_analog_op(node):
             continue
-        stack = [BY_OP_TYPE[op.op_type](**{a.name: _from_attribute(a) for a in op.attribute})
-                 for op in variation_chain(node.input[1], producer) if is_variation(op)]
+        stack: list[DeviceTerm] = [BY_OP_TYPE[op.op_type](**_attributes(op))
+                                   for op in variation_chain(node.input[1], producer) if is_variation(op)]
+        tile, adc = by_name.get(f"{node.name}.tile_weight"), by_name.get(f"{node.name}.adc")
+        if tile is not None:
+            values = _attributes(tile)
+            stack.append(Tile(size=values["size"], cols=values["cols"]))
+        if adc is not None:
+            stack.append(Adc(**{k: v for k, v in _attributes(adc).items() if k in Adc.params}))
         if stack:
             layers[node.name] = sorted(stack, key=lambda m: m.order)
     return DeviceConfig([], layers) if layers else None
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, float]:
+    return {a.name: _from_attribute(a) for a in node.attribute}
 
 
 def _from_attribute(attribute: onnx.AttributeProto) -> float:

@@ -24,9 +24,12 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from rrcompile.data import batches, fit_to_input
+from rrcompile import crossbar
+from rrcompile.crossbar import is_crossbar
 from rrcompile.devices import DeviceConfig, noise_inputs
+from rrcompile.errors import DeviceSpecError
 from rrcompile.graph import (
-    analog_layers, export_graph, import_graph, model_io, remove_unused_functions, with_initializers,
+    AnalogLayer, analog_layers, export_graph, import_graph, model_io, remove_unused_functions, with_initializers,
 )
 from rrcompile.passes.insert_variation import InsertVariationPass
 
@@ -54,12 +57,23 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     ``program`` maps the per-chip noise inputs to every analog layer's programmed weight (its
     outputs are named ``<layer>.programmed_weight``). ``chip model`` is the inference graph with
     each of those as a float32 initializer (holding the target weight until a chip's is written).
+    A tiled layer's programmed weight is the one its ``TileWeight`` reads: the chip model keeps
+    the crossbar functions, which onnxruntime folds over the constant weight.
     """
     nodes = {n.name: n for n in varied.graph.node}
-    # weight input -> layer, for the layers whose weight comes through a variation chain
-    varied_layers = {nodes[layer.node].input[1]: layer for layer in analog_layers(varied)
-                     if nodes[layer.node].input[1] != layer.weight}
-    programmed = {tensor: f"{layer.node}.programmed_weight" for tensor, layer in varied_layers.items()}
+    producer = {out: n for n in varied.graph.node for out in n.output}
+
+    def reader(layer: AnalogLayer) -> tuple[str, int, str]:
+        """(node, input index, tensor) where the layer's programmed weight is read."""
+        tensor = nodes[layer.node].input[1]
+        if tensor in producer and is_crossbar(producer[tensor]):
+            return producer[tensor].name, 0, producer[tensor].input[0]
+        return layer.node, 1, tensor
+
+    # weight tensor -> (reader node, input index, layer), for the layers whose weight comes through a variation chain
+    varied_layers = {tensor: (node, index, layer) for layer in analog_layers(varied)
+                     for node, index, tensor in [reader(layer)] if tensor != layer.weight}
+    programmed = {tensor: f"{layer.node}.programmed_weight" for tensor, (_, _, layer) in varied_layers.items()}
     graph = import_graph(varied)
     graph.inputs = [t for t in graph.inputs if t.name != data_input]
     tensors = graph.tensors()
@@ -71,8 +85,8 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
 
     graph = import_graph(varied)
     tensors, by_name = graph.tensors(), {node.name: node for node in graph.nodes}
-    for tensor, layer in varied_layers.items():
-        by_name[layer.node].inputs[1] = gs.Constant(programmed[tensor], tensors[layer.weight].values)
+    for tensor, (node, index, layer) in varied_layers.items():
+        by_name[node].inputs[index] = gs.Constant(programmed[tensor], tensors[layer.weight].values)
     noise = {n.name for n in noise_inputs(varied)}
     graph.inputs = [t for t in graph.inputs if t.name not in noise]
     chip = export_graph(graph, varied)
@@ -141,24 +155,31 @@ class ChipStats:
 
 
 class MonteCarloEvaluator:
-    """Clean and per-chip accuracy of a canonical model under a device config, through onnxruntime."""
+    """Clean and per-chip accuracy of a canonical model under a device config, through onnxruntime.
 
-    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, *, batch_size: int = BATCH_SIZE):
+    A device with an ``adc`` term needs the ADC ranges (:func:`rrcompile.crossbar.adc_ranges`):
+    given as ``adc_ranges``, or fixed here from ``adc_images`` (training images, prepared).
+    """
+
+    def __init__(self, model: onnx.ModelProto, device: DeviceConfig, *, batch_size: int = BATCH_SIZE,
+                 adc_images: np.ndarray | None = None, adc_ranges: Mapping[str, np.ndarray] | None = None):
         self.input_name, self.input_shape = model_io(model)
         self.batch_size = batch_size
         self.clean_session = make_session(model)
-        varied = InsertVariationPass(device)(model)
+        self.adc_ranges = _ranges(model, device, adc_images, adc_ranges)
+        varied = InsertVariationPass(device, self.adc_ranges)(model)
         self.varied_model = varied.model
         self.noise = noise_inputs(self.varied_model)
         self.read_noise = [n for n in self.noise if n.noise.per == "inference"]
         self.exact = not varied.modified  # no layer has a device model: every chip is the clean model
         # sigma = 0 and the like: every chip is programmed to the target weights, so all are one chip
-        self.identical_chips = self.exact or device.is_identity
+        self.identical_chips = self.exact or device.same_chips
         if self.read_noise:
             self.varied_session = make_session(self.varied_model)
         elif not self.exact:
             program, self.chip_model = split_programming(self.varied_model, self.input_name)
-            self.program_session = make_session(program)
+            # tiles or ADCs and no weight effect: nothing to program, every chip is the chip model
+            self.program_session = make_session(program) if program.graph.output else None
             by_name = {t.name: t for t in self.chip_model.graph.initializer}
             self.programmed_initializers = [by_name[o.name] for o in program.graph.output]
 
@@ -195,7 +216,8 @@ class MonteCarloEvaluator:
             read_rng = np.random.default_rng([seed, chip, 1])
             session = self.varied_session if not digital else _short_lived(with_initializers(self.varied_model, digital))
             return session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
-        for initializer, weight in zip(self.programmed_initializers, self.program_session.run(None, feed)):
+        programmed = self.program_session.run(None, feed) if self.program_session is not None else []
+        for initializer, weight in zip(self.programmed_initializers, programmed):
             initializer.raw_data = weight.astype(np.float32, copy=False).tobytes()
         # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
         # the model's own initializer data, so an override gives wrong results
@@ -212,18 +234,29 @@ class MonteCarloEvaluator:
         return ChipStats(clean, self.chip_accuracies(x, y, samples, seed, progress=progress, desc=desc))
 
 
+def _ranges(model: onnx.ModelProto, device: DeviceConfig, images: np.ndarray | None,
+            ranges: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    if ranges is not None or not crossbar.needs_adc_ranges(device):
+        return dict(ranges or {})
+    if images is None:
+        raise DeviceSpecError("device 'adc': its ranges are fixed from training images, and none were given")
+    return crossbar.adc_ranges(model, device, images)
+
+
 def _short_lived(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), _session_options(short_lived=True), providers=["CPUExecutionProvider"])
 
 
 def sigma_sweep(
     model: onnx.ModelProto, device: DeviceConfig, sigmas: Sequence[float], x, y, samples: int, seed: int,
-    *, batch_size: int = BATCH_SIZE, progress: bool = True,
+    *, batch_size: int = BATCH_SIZE, progress: bool = True, adc_images: np.ndarray | None = None,
 ) -> dict[float, ChipStats]:
-    """ChipStats at each log-normal sigma, the other device models unchanged."""
+    """ChipStats at each log-normal sigma, the other device models unchanged (the ADC ranges,
+    fixed on the clean network, are the same at every sigma)."""
     results = {}
+    ranges = _ranges(model, device, adc_images, None)
     for sigma in sigmas:
-        evaluator = MonteCarloEvaluator(model, device.with_sigma(sigma), batch_size=batch_size)
+        evaluator = MonteCarloEvaluator(model, device.with_sigma(sigma), batch_size=batch_size, adc_ranges=ranges)
         results[sigma] = evaluator.evaluate(x, y, samples, seed, progress=progress, desc=f"sigma={sigma:g}")
     return results
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from rrcompile.compensation import candidates
+from rrcompile.crossbar import torch_ops as crossbar_torch_ops
 from rrcompile.devices import BY_OP_TYPE, noise_inputs
 from rrcompile.errors import UnsupportedModelError
 from rrcompile.graph import (
@@ -287,6 +288,19 @@ def reduce_max(inputs: list, attrs: dict) -> list:
     return [x.amax(dim=attrs.get("axes", list(range(x.dim()))), keepdim=keep)]
 
 
+def reduce_sum(inputs: list, attrs: dict) -> list:
+    """ReduceSum-13: axes as an optional input (none: every axis, or none with noop_with_empty_axes)."""
+    x, keep = inputs[0], bool(attrs.get("keepdims", 1))
+    axes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+    if axes is None or axes.numel() == 0:
+        if attrs.get("noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(x.dim()))
+    else:
+        axes = [int(a) for a in axes]
+    return [x.sum(dim=axes, keepdim=keep)]
+
+
 def _unary(function: Callable[[Tensor], Tensor]) -> OpFunction:
     return lambda inputs, attrs: [function(inputs[0])]
 
@@ -349,9 +363,10 @@ OPS: dict[str, OpFunction] = {
     # an evaluation graph: Dropout passes its input through whatever its training_mode input says
     "Dropout": lambda inputs, attrs: [inputs[0], torch.ones_like(inputs[0], dtype=torch.bool)],
     "Identity": _unary(lambda x: x), "Constant": constant,
-    "Shape": shape, "Gather": gather, "Pad": pad, "ReduceMax": reduce_max,
+    "Shape": shape, "Gather": gather, "Pad": pad, "ReduceMax": reduce_max, "ReduceSum": reduce_sum,
     "Cast": lambda inputs, attrs: [inputs[0].to(TORCH_DTYPES[attrs["to"]])],
     **{f"{RRCOMPILE_DOMAIN}:{op}": _device_op(op) for op in BY_OP_TYPE},
+    **crossbar_torch_ops(),
     f"{RRCOMPILE_DOMAIN}:ConvCompensation": conv_compensation,
     f"{RRCOMPILE_DOMAIN}:DenseCompensation": dense_compensation,
     f"{RRCOMPILE_DOMAIN}:ConvCalibration": _calibrated(conv_compensation),

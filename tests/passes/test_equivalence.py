@@ -48,6 +48,9 @@ from rrcompile.passes.tag_hardware import TagHardwarePass
 TOLERANCE = 1e-5
 # every device model but quantize (never the identity), each switched off: in the graph, changing nothing
 ALL_OFF = parse_device("lognormal:sigma=0+programming:eta=0+stuck:p_off=0,p_on=0+read:eta=0")
+# the same on crossbar tiles of 5 rows (every quirk layer spans several, the last one partial): tiles
+# alone, with an ideal ADC, change the computation but not its result
+TILED_OFF = parse_device("tile:size=5,cols=3+lognormal:sigma=0,mapping=differential+programming:eta=0")
 
 
 def discovered_passes() -> set[type[Pass]]:
@@ -80,6 +83,11 @@ def simulated(model: onnx.ModelProto) -> onnx.ModelProto:
     return InsertVariationPass(ALL_OFF)(with_candidates(model)).model
 
 
+def simulated_tiles(model: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`with_candidates`, on tiles, varied by device models at their identity."""
+    return InsertVariationPass(TILED_OFF)(with_candidates(model)).model
+
+
 def dropped_layers(model: onnx.ModelProto) -> list[str]:
     """The layers SelectCompensationPass drops here: every candidate's but the first."""
     return [c.layer for c in candidates(model)[1:]]
@@ -108,14 +116,16 @@ CASES: dict[type[Pass], list[Case]] = {
     InferShapesPass: [Case(lambda m: InferShapesPass())],
     CanonicalizePass: [Case(lambda m: CanonicalizePass())],
     # the compiler's passes, on canonical models
-    InsertVariationPass: [Case(lambda m: InsertVariationPass(ALL_OFF), canonical)],
+    InsertVariationPass: [Case(lambda m: InsertVariationPass(ALL_OFF), canonical),
+                          Case(lambda m: InsertVariationPass(TILED_OFF), canonical, label="tiles")],
     InsertCompensationCandidatesPass: [
         Case(lambda m: InsertCompensationCandidatesPass(rank=2), canonical),
         Case(lambda m: InsertCompensationCandidatesPass(rank=2, calibrated=True), canonical, label="calibrated"),
     ],
     SelectCompensationPass: [Case(lambda m: SelectCompensationPass([c.layer for c in candidates(m)[:1]]),
                                   with_candidates, lambda m: gates(m, 0.0, dropped_layers(m)))],
-    StripSimulationPass: [Case(lambda m: StripSimulationPass(), simulated)],
+    StripSimulationPass: [Case(lambda m: StripSimulationPass(), simulated),
+                          Case(lambda m: StripSimulationPass(), simulated_tiles, label="tiles")],
     TagHardwarePass: [Case(lambda m: TagHardwarePass(), with_candidates)],
 }
 

@@ -27,6 +27,7 @@ SPECS = {
 
 def single_op_model(model, shape) -> onnx.ModelProto:
     """A graph computing ``model`` on the weight input W (range R = max|W| computed in-graph)."""
+    noise_shape = model.noise_shape(tuple(shape))
     inputs = ["W", "R"] if model.reads_range() else ["W"]
     if model.noise is not None:
         inputs.append("noise")
@@ -34,18 +35,22 @@ def single_op_model(model, shape) -> onnx.ModelProto:
              helper.make_node(model.op_type, inputs, ["Y"], domain=RRCOMPILE_DOMAIN, **model.values)]
     graph_inputs = [helper.make_tensor_value_info("W", TensorProto.FLOAT, shape)]
     if model.noise is not None:
-        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, shape))
+        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, noise_shape))
     graph = helper.make_graph(nodes, "op", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET), helper.make_opsetid(RRCOMPILE_DOMAIN, 1)],
                              functions=[type(model).function_proto()])
 
 
-@pytest.mark.parametrize("kind", sorted(SPECS))
+# variants of a kind, each its own ONNX function
+VARIANT_SPECS = {"lognormal differential": "lognormal:sigma=0.4,mapping=differential"}
+
+
+@pytest.mark.parametrize("kind", [*sorted(SPECS), *VARIANT_SPECS])
 def test_onnx_function_matches_numpy_reference(kind):
-    (model,) = parse_models(SPECS[kind])
+    (model,) = parse_models({**SPECS, **VARIANT_SPECS}[kind])
     rng = np.random.default_rng(7)
     w = rng.standard_normal((64, 32)).astype(np.float32)
-    noise = model.noise.draw(rng, w.shape) if model.noise else None
+    noise = model.noise.draw(rng, model.noise_shape(w.shape)) if model.noise else None
     onnx_model = single_op_model(model, w.shape)
     onnx.checker.check_model(onnx_model, full_check=True)
     feeds = {"noise": noise} if noise is not None else {}
@@ -66,6 +71,25 @@ def test_lognormal_log_ratio_has_mean_zero_and_std_sigma():
     # 5-sigma bounds of the sample mean (std sigma/sqrt n) and sample std (std ~ sigma/sqrt(2n))
     assert abs(log_ratio.mean()) < 5 * sigma / np.sqrt(n)
     assert abs(log_ratio.std() - sigma) < 5 * sigma / np.sqrt(2 * n)
+
+
+def test_differential_pair_statistics():
+    """Each cell of the pair varies on its own: E[Y] = W exp(sigma^2 / 2), and a zero weight keeps an
+    error of std g0 R sqrt(2 (exp(2 sigma^2) - exp(sigma^2)))."""
+    sigma, g0 = 0.5, 0.1
+    (model,) = parse_models(f"lognormal:sigma={sigma},mapping=differential,g0={g0}")
+    assert model.spec() == "lognormal:sigma=0.5,mapping=differential,g0=0.1" and parse_models(model.spec()) == [model]
+    rng = np.random.default_rng(1)
+    w = np.zeros((400, 500), np.float32)
+    w[:200] = 1.0  # R = 1; half the weights at the range, half at zero
+    y = run(single_op_model(model, w.shape), w, noise=model.noise.draw(rng, model.noise_shape(w.shape)))
+    var_cell = np.exp(2 * sigma ** 2) - np.exp(sigma ** 2)
+    n = y[200:].size
+    assert abs(y[200:].mean()) < 5 * g0 * np.sqrt(2 * var_cell / n)
+    assert y[200:].std() == pytest.approx(g0 * np.sqrt(2 * var_cell), rel=0.02)
+    expected_mean = np.exp(sigma ** 2 / 2)  # (1 + g0) e^{s^2/2} - g0 e^{s^2/2}
+    assert abs(y[:200].mean() - expected_mean) < 5 * np.sqrt(((1 + g0) ** 2 + g0 ** 2) * var_cell / n)
+    assert parse_models(f"lognormal:sigma={sigma},mapping=differential")[0].values["g0"] == 0.1  # the stated default
 
 
 def test_stuck_at_fractions_and_quantize_levels():
@@ -89,7 +113,12 @@ def test_spec_parsing_orders_physically_and_rejects_bad_input():
                        ("lognormal:mu=1", "bad parameter 'mu=1'"), ("lognormal:sigma=x", "not a number"),
                        ("lognormal", "missing sigma"), ("quantize:levels=2.5", "integer"),
                        ("stuck:p_off=0.7,p_on=0.6", "p_off \\+ p_on"), ("lognormal:sigma=inf", "sigma=inf must be a finite"),
-                       ("read:eta=nan", "eta=nan must be a finite"), ("quantize:levels=inf", "levels=inf must be an integer")]:
+                       ("read:eta=nan", "eta=nan must be a finite"), ("quantize:levels=inf", "levels=inf must be an integer"),
+                       ("adc:bits=0", "bits=0 must be an integer in \\[2, 24\\]"), ("tile:size=0", "size=0 must be an integer"),
+                       ("adc:bits=8,range=-1", "range=-1 must be a percentile in \\(0, 100\\]"),
+                       ("lognormal:sigma=0.5,mapping=pcm", "unknown mapping 'pcm'"), ("adc:range=50", "missing bits"),
+                       ("lognormal:sigma=0.5,g0=0.1", "g0 is the reference conductance of mapping=differential"),
+                       ("tile:rows=3", "bad parameter 'rows=3'"), ("adc:bits=8,noise=-0.1", "noise=-0.1 must be >= 0")]:
         with pytest.raises(DeviceSpecError, match=match):
             parse_models(bad)
     assert set(DEVICE_MODELS) == set(SPECS)
@@ -130,6 +159,18 @@ def test_with_sigma_replaces_every_lognormal():
     assert [m.spec() for m in device.with_sigma(0.2).default] == ["lognormal:sigma=0.2", "read:eta=0.01"]
     with pytest.raises(DeviceSpecError, match="needs a 'lognormal'"):
         parse_device("read:eta=0.01").with_sigma(0.2)
+
+
+def test_crossbar_terms_compose_with_weight_effects():
+    stack = parse_models("adc:bits=8,noise=0.01+lognormal:sigma=0.5,mapping=differential+tile:size=64")
+    assert [m.spec() for m in stack] == ["lognormal:sigma=0.5,mapping=differential,g0=0.1", "tile:size=64,cols=64",
+                                         "adc:bits=8,noise=0.01"]
+    device = parse_device("tile+adc:bits=6+lognormal:sigma=0.5,mapping=differential")
+    assert [m.spec() for m in device.with_sigma(0.2).default][0] == "lognormal:sigma=0.2,mapping=differential,g0=0.1"
+    assert device.crossbar and not parse_device("lognormal:sigma=0").crossbar
+    assert parse_device("tile:size=8+adc:bits=6+lognormal:sigma=0").same_chips
+    assert not parse_device("tile:size=8+adc:bits=6,noise=0.1+lognormal:sigma=0").same_chips
+    assert parse_device(device.to_dict()["default"]) == device
 
 
 def test_simulated_device_reads_the_device_back_from_a_varied_graph():

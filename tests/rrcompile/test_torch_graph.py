@@ -9,6 +9,7 @@ from conftest import DIGITS_MODEL, run, with_up_weights
 from graph_builders import QUIRK_MODELS
 from onnx import TensorProto, helper, numpy_helper
 
+from rrcompile.crossbar import adc_ranges
 from rrcompile.devices import DEVICE_MODELS, noise_inputs, parse_device
 from rrcompile.errors import UnsupportedModelError
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
@@ -135,6 +136,8 @@ CASES = {
     "pad edge": case(single_op("Pad", [1, 2, 4, 4], {"p": i64(0, 0, 0, 2, 0, 0, 0, 1)}, ["p"], mode="edge")),
     "reduce max axes": case(single_op("ReduceMax", [2, 3, 4], axes=[-1, 0], keepdims=0)),
     "reduce max all": case(single_op("ReduceMax", [2, 3, 4])),
+    "reduce sum axes input": case(single_op("ReduceSum", [2, 3, 4], {"a": i64(-1, 1)}, ["a"], keepdims=0)),
+    "reduce sum all": case(single_op("ReduceSum", [2, 3, 4])),
 }
 
 
@@ -174,6 +177,24 @@ def calibrated_varied(digits) -> onnx.ModelProto:
     return with_up_weights(slots.model, seed=3, scale=0.2)
 
 
+@pytest.fixture(scope="module")
+def crossbar_varied(digits) -> onnx.ModelProto:
+    """The digits CNN on 20-row tiles with noisy 12-bit ADCs and differential pairs, the classifier's ADCs
+    noiseless (ADC ranges from random images)."""
+    device = parse_device("tile:size=20,cols=6+adc:bits=12,noise=0.01+lognormal:sigma=0.3,mapping=differential")
+    device.layers["fc2"] = parse_device("tile:size=20+adc:bits=12").default
+    return InsertVariationPass(device, adc_ranges(digits, device, RNG.random((16, 1, 8, 8), dtype=np.float32)))(digits).model
+
+
+def test_crossbar_graph_matches_onnxruntime_on_the_same_draws(crossbar_varied):
+    rng = np.random.default_rng(5)
+    draws = {n.name: n.noise.draw(rng, n.shape) for n in noise_inputs(crossbar_varied)}
+    x = rng.random((8, 1, 8, 8), dtype=np.float32)
+    expected = run(crossbar_varied, x, **draws)
+    # another summation order can put a partial sum on the neighbouring ADC level (a step is 1/2047 of its range)
+    assert np.abs(torch_run(TorchGraph(crossbar_varied), x, **draws) - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
 def test_calibrated_graph_matches_onnxruntime_on_the_same_draws(calibrated_varied):
     rng = np.random.default_rng(4)
     draws = {n.name: n.noise.draw(rng, n.shape) for n in noise_inputs(calibrated_varied)}
@@ -192,9 +213,9 @@ def test_op_matches_onnxruntime(name):
     np.testing.assert_allclose(torch_run(TorchGraph(model), x), run(model, x), **TOLERANCE)
 
 
-def test_every_table_entry_is_checked_against_onnxruntime(compensated_varied, calibrated_varied):
+def test_every_table_entry_is_checked_against_onnxruntime(compensated_varied, calibrated_varied, crossbar_varied):
     checked = {op_key(node) for model in [*(m for m, _ in CASES.values()), exporter_reshape_chain(), compensated_varied,
-                                          calibrated_varied]
+                                          calibrated_varied, crossbar_varied]
                for node in model.graph.node}
     assert set(OPS) - checked == set()
 
@@ -234,14 +255,15 @@ def test_varied_compensated_graph_matches_onnxruntime_on_the_same_draws(compensa
                                run(compensated_varied, x, **draws), **TOLERANCE)
 
 
-@pytest.mark.parametrize("kind", sorted(DEVICE_MODELS))
+@pytest.mark.parametrize("kind", [*sorted(DEVICE_MODELS), "lognormal differential"])
 def test_torch_device_model_equals_numpy_reference(kind):
     spec = {"quantize": "quantize:levels=8", "lognormal": "lognormal:sigma=0.4", "programming": "programming:eta=0.05",
-            "read": "read:eta=0.05", "stuck": "stuck:p_off=0.1,p_on=0.1"}[kind]
+            "read": "read:eta=0.05", "stuck": "stuck:p_off=0.1,p_on=0.1",
+            "lognormal differential": "lognormal:sigma=0.4,mapping=differential,g0=0.2"}[kind]
     (device_model,) = parse_device(spec).default
     weight = w(6, 5)
     w_range = np.abs(weight).max()
-    noise = device_model.noise.draw(RNG, weight.shape) if device_model.noise else None
+    noise = device_model.noise.draw(RNG, device_model.noise_shape(weight.shape)) if device_model.noise else None
     expected = device_model.apply(weight, w_range, noise)
     got = device_model.apply_torch(torch.from_numpy(weight), torch.tensor(w_range),
                                    None if noise is None else torch.from_numpy(noise))
