@@ -5,12 +5,12 @@
   calibrated compensation (the default), where the fine-tune above waits until the ranks are known:
     model = InsertCompensationCandidatesPass(calibrated)  # a calibration slot per analog layer, largest rank
     model = fit_projections(model, device, x)       # compile-time half: error-weighted principal directions
-    ranks = reinforce(CalibrationEnv(...))          # RL picks each slot's rank, scoring calibrated chips
+    ranks = Reinforce().select(CalibrationEnv(...)) # RL (or options.strategy) picks each slot's rank, on calibrated chips
     model = finetune(with_ranks(model, ranks), calibrated on every mini-batch's chip)
   trained compensation (the paper's, ``calibration=False``):
     model = InsertCompensationCandidatesPass(...)   # a gated low-rank digital branch per analog layer
     model = train_compensation(model, device)       # analog weights frozen, a new chip per mini-batch
-    keep  = reinforce(CompensationEnv(...))         # RL picks the candidates worth their weights
+    keep  = Reinforce().select(CompensationEnv(...))  # RL picks the candidates worth their weights
     model = SelectCompensationPass(keep) + train    # drop the rest, train the kept ones briefly
     chip, report = deploy(model)                    # strip simulation, tag analog/digital, tiles
 
