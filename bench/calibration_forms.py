@@ -6,8 +6,8 @@ One model (as shipped, no fine-tune), calibration slots at fixed ranks, the same
 - ``compiled``: the down projection ``Wd`` fixed at compile time (error-weighted principal
   directions, ``fit_projections``), the up projection, gain and offset solved per chip;
 - ``chip``: ``Wd`` solved per chip as well (reduced-rank ridge regression, ``chip_projection``);
-- ``chip, no gain/offset``: as ``chip``, with the per-column gain and offset left at 1 and 0;
-- ``compiled, layer target``: ``compiled``, each slot matching the ideal ``W x`` on the input its
+- ``chip-no-gain``: as ``chip``, with the per-column gain and offset left at 1 and 0;
+- ``compiled-layer-target``: ``compiled``, each slot matching the ideal ``W x`` on the input its
   layer saw instead of the clean network's output there.
 
     python bench/calibration_forms.py                                  # LeNet-5, sigma 0.5, 8 chips
@@ -45,8 +45,8 @@ MODELS = {  # name: (model, data spec, mean, std)
 FORMS = {
     "compiled": CalibrationConfig(projection="compiled"),
     "chip": CalibrationConfig(projection="chip"),
-    "chip, no gain/offset": CalibrationConfig(projection="chip", affine=False),
-    "compiled, layer target": CalibrationConfig(projection="compiled", target="layer"),
+    "chip-no-gain": CalibrationConfig(projection="chip", affine=False),
+    "compiled-layer-target": CalibrationConfig(projection="compiled", target="layer"),
 }
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="lenet5-mnist", choices=sorted(MODELS))
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--ranks", default="4,2,1,0,4", help="a rank per analog layer, in graph order")
-    parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--forms", default=",".join(FORMS), help=f"comma list of {', '.join(FORMS)}")
     parser.add_argument("--chips", type=int, default=8)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

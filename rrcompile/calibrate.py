@@ -13,7 +13,12 @@ least-squares solution of
 
     T ~ A * Y + B + Wu (Wd x)        (per output column j: a_j, b_j and the row u_j of Wu)
 
-with ``Wd`` fixed at compile time (:func:`fit_projections`). No labels, no gradient descent: one
+Only the slot's rank is fixed at compile time. ``Wd`` is the chip's own too
+(:func:`chip_projection`, reduced-rank ridge regression of the chip's error on its layer input):
+a chip's error is a random matrix applied to ``x``, and the ``r`` directions where *this* chip's
+error is largest beat the directions where sampled chips' errors are largest on average
+(:func:`fit_projections`, kept as ``projection="compiled"``): FORMS_FIGURES
+(``python bench/calibration_forms.py``). Given ``Wd``, no labels, no gradient descent: one
 linear solve of size ``rank + 2`` per column. The ridge pulls every parameter toward "no
 correction" (gain 1, offset 0, up 0) in proportion to its own feature energy, so read noise and
 stuck cells, which make ``Y`` partly unpredictable, shrink the correction instead of breaking it.
@@ -281,6 +286,10 @@ def _solve_given(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tens
     # a rank-0 slot (gain and offset only) has no branch to run (torch has no 0-channel conv)
     features = _down(slot, x, down).double() if down.numel() else raw.new_zeros(len(raw), 0)
     rank, cols = features.shape[1], raw.shape[1]
+    column_shape = (cols,) + (1,) * (y.dim() - 2) if slot.is_conv else (cols,)
+    if not config.affine and not rank:  # nothing to solve: a rank-0 slot with its gain and offset held
+        return down.new_zeros(cols, 0, *down.shape[2:]) if slot.is_conv else down.new_zeros(0, cols), \
+            y.new_ones(column_shape), y.new_zeros(column_shape)
     if config.affine:
         shared = torch.cat([features, features.new_ones(len(features), 1)], dim=1)  # [M, r + 1]
         # per column j the features are [y_j, shared]: a batched (r + 2)-square system
@@ -296,7 +305,6 @@ def _solve_given(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tens
     # each feature's own energy sets its ridge: scale-free, and a dead feature (all zero) stays at 0
     ridge = config.ridge * diagonal + 1e-12 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-30)
     solution = torch.linalg.solve(gram + torch.diag_embed(ridge), rhs.unsqueeze(-1)).squeeze(-1)  # [cols, features]
-    column_shape = (cols,) + (1,) * (y.dim() - 2) if slot.is_conv else (cols,)
     if config.affine:
         gain, offset, up = 1 + solution[:, 0], solution[:, -1], solution[:, 1:-1]
     else:

@@ -220,3 +220,13 @@ def test_calibration_options_are_checked():
         CalibrationConfig(projection="learned")
     with pytest.raises(ValueError, match="projection ridge -1"):
         CalibrationConfig(projection_ridge=-1)
+
+
+def test_without_gain_and_offset_a_rank_0_slot_stays_the_raw_layer(digits):
+    model, x_train, _, _ = digits
+    device = parse_device("lognormal:sigma=0.5")
+    compiled = slotted(model, device, x_train[:500])
+    values = Calibrator(compiled, CalibrationConfig(affine=False)).calibrate(SimulatedChip(compiled, device, 0, 1), x_train[:64]).values
+    assert values["fc2.compensation_up"].size == 0  # fc2 has rank 0
+    assert np.all(values["fc2.compensation_gain"] == 1) and np.all(values["fc2.compensation_offset"] == 0)
+    assert np.all(values["conv1.compensation_gain"] == 1) and np.any(values["conv1.compensation_up"] != 0)
