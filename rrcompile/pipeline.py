@@ -4,7 +4,7 @@
     model = finetune(model, Lipschitz penalty)      # error suppression on sampled chips (rrcompile.finetune)
   calibrated compensation (the default), where the fine-tune above waits until the ranks are known:
     model = InsertCompensationCandidatesPass(calibrated)  # a calibration slot per analog layer, largest rank
-    model = fit_projections(model, device, x)       # compile-time half: error-weighted principal directions
+    (model = fit_projections(model, device, x))     # only for projections fixed at compile time
     ranks = Reinforce().select(CalibrationEnv(...)) # RL (or options.strategy) picks each slot's rank, on calibrated chips
     model = finetune(with_ranks(model, ranks), calibrated on every mini-batch's chip)
   trained compensation (the paper's, ``calibration=False``):
@@ -195,7 +195,8 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     if not slots(model):
         raise UnsupportedModelError("no analog layer could take a calibration slot (see the warnings); "
                                     "compile with --no-compensation")
-    model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
+    if options.calibration_config.projection == "compiled":  # else every chip solves its own
+        model = stage("fit projections", lambda: fit_projections(model, options.device, x_train[:2000], seed=options.seed))
     env = stage("profile layers", lambda: CalibrationEnv(
         model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
         chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, "calibrated"),
