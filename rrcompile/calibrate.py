@@ -55,7 +55,7 @@ from tqdm import tqdm
 from rrcompile.compensation import Candidate, calibration_kind, candidates
 from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
 from rrcompile.errors import DataError
-from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, draw_chip
+from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, draw_chip
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, AnalogLayer, analog_layers, model_io, remove_unused_functions, with_initializers,
 )
@@ -67,6 +67,8 @@ from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
 IMAGES, INPUT_SUFFIX, OUTPUT_SUFFIX = "images", ".input", ".output"
 TARGETS = ("network", "layer")
 PROJECTIONS = ("chip", "compiled")
+# unlabeled images a chip is calibrated on (compile's validation and report chips, `rrcompile calibrate`)
+CALIBRATION_IMAGES = 256
 
 
 class CalibrationError(DataError):
@@ -533,7 +535,7 @@ class CalibratedEvaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray,
-                 config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = 500):
+                 config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = BATCH_SIZE):
         self.model, self.device, self.x_calibration = model, device, x_calibration
         self.calibrator = Calibrator(model, config)
         self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)

@@ -30,7 +30,7 @@ import torch
 from onnx import helper
 from tqdm import tqdm
 
-from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, calibrated_forward, slots
+from rrcompile.calibrate import CALIBRATION_IMAGES, CalibratedEvaluator, CalibrationConfig, calibrated_forward, slots
 from rrcompile.devices import DeviceConfig
 from rrcompile.graph import analog_layers
 from rrcompile.evaluate import MonteCarloEvaluator, accuracy
@@ -40,8 +40,6 @@ from rrcompile.torch_graph import TorchGraph, default_device, write_back
 from rrcompile.training import BATCH_SIZE, run_epoch, task_loss
 
 PROBABILITY_HEADS = ("Softmax", "LogSoftmax")
-# unlabeled images a chip is calibrated on (compile's validation and report chips, `rrcompile calibrate`)
-CALIBRATION_IMAGES = 256
 
 
 @dataclasses.dataclass

@@ -28,13 +28,13 @@ import numpy as np
 import onnx
 
 from rrcompile.calibrate import (
-    CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, slots, with_ranks,
+    CALIBRATION_IMAGES, CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, slots, with_ranks,
 )
 from rrcompile.compensation_training import CompensationConfig, train_compensation
 from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.errors import OptionError, UnsupportedModelError
-from rrcompile.finetune import CALIBRATION_IMAGES, FinetuneConfig, finetune, split_validation
+from rrcompile.finetune import FinetuneConfig, finetune, split_validation
 from rrcompile.graph import analog_layers
 from rrcompile.hardware import DEFAULT_TILE, HardwareReport
 from rrcompile.lipschitz import LipschitzPenalty

@@ -34,12 +34,19 @@ from onnx import helper, numpy_helper
 from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, slot_weights, with_ranks
 from rrcompile.compensation import Candidate, candidates
 from rrcompile.devices import DeviceConfig
-from rrcompile.evaluate import MonteCarloEvaluator, make_session, session_accuracy
+from rrcompile.evaluate import BATCH_SIZE, MonteCarloEvaluator, make_session, session_accuracy
 from rrcompile.graph import analog_layers, model_io, to_networkx
 from rrcompile.lipschitz import SpectralReport
 
 FEATURES = ("position", "depth", "is_conv", "log_params", "log_macs", "spectral_norm", "sensitivity",
             "feature_error", "cost", "spent")
+# scales that bring each state feature near [0, 1] on the networks measured (LeNet-5 to VGG-size):
+# parameter counts up to 10^7 and MACs up to 10^9, sensitivities and per-candidate costs of a few percent
+LOG_PARAMS_SCALE, LOG_MACS_SCALE, PERCENT_SCALE = 7, 9, 10
+# overheads are sums of fractions: a configuration exactly at the budget must not fail on rounding
+OVERHEAD_TOLERANCE = 1e-12
+OVER_BUDGET_REWARD = -1.0  # below every configuration within the budget (rewards are accuracies near [0, 1])
+FEATURE_ERROR_IMAGES = 256  # images the feature-map error is measured on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +72,7 @@ class CompensationEnv:
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray, *,
                  chips: int = 8, seed: int = 0, overhead_weight: float = 1.0, max_overhead: float = 1.0,
-                 batch_size: int = 500):
+                 batch_size: int = BATCH_SIZE):
         self.x, self.y = x, y
         self.overhead_weight, self.max_overhead = overhead_weight, max_overhead
         self.input_name = model_io(model)[0]
@@ -97,7 +104,7 @@ class CompensationEnv:
         count = 1
         for option in range(1, self.options(step)):
             trial[step] = option
-            if self.overhead(trial) > self.max_overhead + 1e-12:
+            if self.overhead(trial) > self.max_overhead + OVERHEAD_TOLERANCE:
                 break
             count = option + 1
         return count
@@ -123,7 +130,8 @@ class CompensationEnv:
             accuracy = _mean_chip_accuracy(self.evaluator, self.x, self.y, self.chips, self.seed, self.gates(keep),
                                            self._chip_sessions)
             overhead = self.overhead(keep)
-            reward = accuracy - self.overhead_weight * overhead if overhead <= self.max_overhead + 1e-12 else -1.0
+            within = overhead <= self.max_overhead + OVERHEAD_TOLERANCE
+            reward = accuracy - self.overhead_weight * overhead if within else OVER_BUDGET_REWARD
             self._rewards[keep] = (accuracy, reward)
         return self._rewards[keep]
 
@@ -135,13 +143,13 @@ class CompensationEnv:
             step / max(1, self.steps - 1),
             profile.depth / max_depth,
             float(profile.op == "Conv"),
-            math.log10(1 + profile.params) / 7,
-            math.log10(1 + profile.macs) / 9,
+            math.log10(1 + profile.params) / LOG_PARAMS_SCALE,
+            math.log10(1 + profile.macs) / LOG_MACS_SCALE,
             profile.spectral_norm / max(p.spectral_norm for p in self.profiles),
-            profile.sensitivity * 10,
+            profile.sensitivity * PERCENT_SCALE,
             profile.feature_error,
-            profile.candidate.weights / self.analog_weights * 10,
-            self.overhead(list(keep[:step]) + [0] * (self.steps - step)) * 10,
+            profile.candidate.weights / self.analog_weights * PERCENT_SCALE,
+            self.overhead(list(keep[:step]) + [0] * (self.steps - step)) * PERCENT_SCALE,
         ], dtype=np.float32)
 
 
@@ -168,7 +176,7 @@ def _profiles(model, device, found, x, y, chips, seed, all_off, batch_size) -> l
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     norms = SpectralReport.of([(layers[c.layer], weights[layers[c.layer].weight]) for c in found]).norms
     clean_accuracy = session_accuracy(make_session(model), model_io(model)[0], x, y, batch_size, lambda: all_off)
-    errors = _feature_errors(model, device, found, x[:256], chips, seed, all_off)
+    errors = _feature_errors(model, device, found, x[:FEATURE_ERROR_IMAGES], chips, seed, all_off)
     profiles = []
     for candidate in found:
         layer = layers[candidate.layer]
@@ -213,7 +221,7 @@ class CalibrationEnv(CompensationEnv):
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray, x: np.ndarray,
                  y: np.ndarray, *, chips: int = 4, seed: int = 0, overhead_weight: float = 1.0,
-                 max_overhead: float = 1.0, batch_size: int = 500, calibration: CalibrationConfig | None = None):
+                 max_overhead: float = 1.0, batch_size: int = BATCH_SIZE, calibration: CalibrationConfig | None = None):
         self.model, self.device, self.x_calibration = model, device, x_calibration
         self.calibration = calibration or CalibrationConfig()
         super().__init__(model, device, x, y, chips=chips, seed=seed, overhead_weight=overhead_weight,
@@ -238,8 +246,8 @@ class CalibrationEnv(CompensationEnv):
     def _score(self, keep: tuple[int, ...]) -> tuple[float, float]:
         if keep not in self._rewards:
             overhead = self.overhead(keep)
-            if overhead > self.max_overhead + 1e-12:  # not worth calibrating: it may not be kept anyway
-                self._rewards[keep] = (float("nan"), -1.0)
+            if overhead > self.max_overhead + OVERHEAD_TOLERANCE:  # not worth calibrating: it may not be kept anyway
+                self._rewards[keep] = (float("nan"), OVER_BUDGET_REWARD)
             else:
                 evaluator = CalibratedEvaluator(with_ranks(self.model, self.rank_config(keep)), self.device,
                                                 self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size)

@@ -13,10 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Protocol, Sequence
 
-from rrcompile.rl.environment import CompensationEnv
-
-# overheads are sums of fractions: a configuration exactly at the budget must not fail on rounding
-OVERHEAD_TOLERANCE = 1e-12
+from rrcompile.rl.environment import OVERHEAD_TOLERANCE, CompensationEnv
 
 
 @dataclasses.dataclass
