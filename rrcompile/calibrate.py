@@ -17,8 +17,12 @@ Only the slot's rank is fixed at compile time. ``Wd`` is the chip's own too
 (:func:`chip_projection`, reduced-rank ridge regression of the chip's error on its layer input):
 a chip's error is a random matrix applied to ``x``, and the ``r`` directions where *this* chip's
 error is largest beat the directions where sampled chips' errors are largest on average
-(:func:`fit_projections`, kept as ``projection="compiled"``): FORMS_FIGURES
-(``python bench/calibration_forms.py``). Given ``Wd``, no labels, no gradient descent: one
+(:func:`fit_projections`, kept as ``projection="compiled"``). LeNet-5 as shipped, ranks 4/2/1/0/4,
+chips 0-7, 256 images (``python bench/calibration_forms.py --sigma S``): at sigma 0.5, 98.68%
+mean (worst 98.43%) against 98.44% (98.07%) with compiled directions; at sigma 0.7, 97.80%
+(97.33%) against 97.00% (95.60%). The gain and offset earn their ``2 * cols`` weights (without
+them, 97.65% and 91.50%), and so does the network target (the layer target, compiled
+directions: 97.97% and 93.89%). Given ``Wd``, no labels, no gradient descent: one
 linear solve of size ``rank + 2`` per column. The ridge pulls every parameter toward "no
 correction" (gain 1, offset 0, up 0) in proportion to its own feature energy, so read noise and
 stuck cells, which make ``Y`` partly unpredictable, shrink the correction instead of breaking it.

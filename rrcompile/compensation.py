@@ -24,14 +24,16 @@ per-column gain ``A`` and offset ``B``,
 
     Z = A * Y + B + G * up(down(X))
 
-and splits the parameters by when they are known: ``Wd`` is fixed at compile time (the
-error-weighted principal directions of the layer's inputs, ``rrcompile.calibrate``), while ``Wu``,
-``A`` and ``B`` are solved for each programmed chip in closed form from a few unlabeled images.
-Why this split, measured on LeNet-5 at sigma 0.5 (README): a chip's error ``(W' - W) x`` is a
-random matrix applied to ``x``; no fixed weight predicts that matrix, but its action on the few
-directions that carry most of ``x``'s energy (weighted by how much error each input row carries)
-is a small matrix that a least-squares fit on measured outputs recovers, and the gain and offset
-take the column-wise part of the rest for ``2 * cols`` weights.
+and splits the parameters by when they are known: the slot's place and rank (where the digital
+budget goes) are fixed at compile time; ``Wd``, ``Wu``, ``A`` and ``B`` are solved for each
+programmed chip in closed form from a few unlabeled images (``rrcompile.calibrate``). Why, measured
+(``bench/calibration_forms.py``, figures in ``rrcompile/calibrate.py``): a chip's error
+``(W' - W) x`` is a random matrix applied to ``x``; no fixed weight predicts it, but its strongest
+``r`` directions on the layer's inputs are a small matrix that a reduced-rank least-squares fit on
+measured outputs recovers (fixing ``Wd`` at compile time, as the error-weighted principal
+directions of the inputs, is the other measured option, ``projection="compiled"``: 0.2 to 0.8
+points worse on LeNet-5), and the gain and offset take the column-wise part of the rest for
+``2 * cols`` weights.
 """
 from __future__ import annotations
 
