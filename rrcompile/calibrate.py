@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import os
 import zipfile
@@ -54,18 +55,18 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
-from tqdm import tqdm
 
 from rrcompile.compensation import Candidate, calibration_kind, candidates
 from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
 from rrcompile.errors import DataError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, draw_chip
+from rrcompile.executor import IN_PROCESS, ChipExecutor
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, AnalogLayer, analog_layers, model_io, remove_unused_functions, with_initializers,
 )
 from rrcompile.io import atomic_write
 from rrcompile.passes.insert_variation import InsertVariationPass
-from rrcompile.torch_graph import OPS, TorchGraph, _attributes, op_key
+from rrcompile.torch_graph import OPS, TorchGraph, _attributes, default_device, op_key
 
 # a measurement file: the calibration images, and per calibrated layer what it saw and gave
 IMAGES, INPUT_SUFFIX, OUTPUT_SUFFIX = "images", ".input", ".output"
@@ -324,9 +325,10 @@ def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, dow
     """:func:`solve_tensors` as initializer values (name -> array)."""
     down, up, gain, offset = solve_tensors(slot, x, y, ideal, down, config)
     c = slot.candidate
-    values = {c.up: up.detach().numpy(), c.gain: gain.detach().numpy(), c.offset: offset.detach().numpy()}
+    values = {c.up: up.detach().cpu().numpy(), c.gain: gain.detach().cpu().numpy(),
+              c.offset: offset.detach().cpu().numpy()}
     if config.projection == "chip" and down.numel():
-        values[c.down] = down.detach().numpy()
+        values[c.down] = down.detach().cpu().numpy()
     return values
 
 
@@ -371,17 +373,20 @@ class ChipCalibration:
 
 
 class Calibrator:
-    """Calibrates chips of one model (a compiled model with calibratable compensation)."""
+    """Calibrates chips of one model (a compiled model with calibratable compensation); the digital
+    twin and the solves run on torch's ``device_type`` (``cpu``, ``cuda`` or ``auto``)."""
 
-    def __init__(self, model: onnx.ModelProto, config: CalibrationConfig = CalibrationConfig()):
+    def __init__(self, model: onnx.ModelProto, config: CalibrationConfig = CalibrationConfig(), *,
+                 device_type: str = "cpu"):
         self.model, self.config = model, config
+        self.device = default_device(device_type)
         self.slots = slots(model)
         if not self.slots:
             raise CalibrationError("the model has no calibratable compensation (compile it with calibration on)")
         self._by_node = {s.candidate.node: s for s in self.slots}
         self._by_layer = {s.layer.node: s for s in self.slots}
         self._layers = _layer_nodes(model)
-        self._graph = TorchGraph(model, trainable=[])
+        self._graph = TorchGraph(model, trainable=[]).to(self.device)
         self._inits = {t.name: t for t in model.graph.initializer}
 
     def calibrate(self, chip: Chip, x: np.ndarray, *, solve_slots: bool = True) -> ChipCalibration:
@@ -391,16 +396,17 @@ class Calibrator:
         values: dict[str, np.ndarray] = {}
         measurements: dict[str, np.ndarray] = {}
         ideal: dict[str, torch.Tensor] = {}
-        batch = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        batch = self._tensor(np.ascontiguousarray(x, np.float32))
         clean = self._clean_outputs(batch) if self.config.target == "network" else {}
 
         def intercept(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
             if node.name in self._layers:
-                raw = torch.from_numpy(np.asarray(chip.run_layer(node.name, inputs[0].numpy()), np.float32))
+                seen = inputs[0].cpu().numpy()  # the chip (simulated or real) is measured from the host
+                raw = self._tensor(np.asarray(chip.run_layer(node.name, seen), np.float32))
                 if node.name in self._by_layer:
                     ideal[node.output[0]] = clean[node.output[0]] if clean else OPS[op_key(node)](inputs, attrs)[0]
-                    measurements[node.name + INPUT_SUFFIX] = inputs[0].numpy().copy()
-                    measurements[node.name + OUTPUT_SUFFIX] = raw.numpy().copy()
+                    measurements[node.name + INPUT_SUFFIX] = seen.copy()
+                    measurements[node.name + OUTPUT_SUFFIX] = raw.cpu().numpy().copy()
                 return [raw]
             slot = self._by_node.get(node.name)
             if slot is None or not solve_slots:
@@ -409,26 +415,25 @@ class Calibrator:
             solved = solve(slot, x_in, y, ideal.pop(node.input[0]), inputs[2], self.config)
             values.update(solved)
             c = slot.candidate
-            inputs = [*inputs[:2], torch.from_numpy(solved[c.down]) if c.down in solved else inputs[2],
-                      torch.from_numpy(solved[c.up]), inputs[4],
-                      torch.from_numpy(solved[c.gain]), torch.from_numpy(solved[c.offset])]
+            inputs = [*inputs[:2], self._tensor(solved[c.down]) if c.down in solved else inputs[2],
+                      self._tensor(solved[c.up]), inputs[4], self._tensor(solved[c.gain]), self._tensor(solved[c.offset])]
             return OPS[op_key(node)](inputs, attrs)
 
         with torch.no_grad():
             self._graph(batch, intercept=intercept)
-        return ChipCalibration(values, {IMAGES: batch.numpy().copy(), **measurements})
+        return ChipCalibration(values, {IMAGES: np.array(x, np.float32), **measurements})
 
     def calibrate_measured(self, measurements: Mapping[str, np.ndarray], source: str = "measurements") -> ChipCalibration:
         """Solve every slot from measured layer inputs and outputs (a measurement file's arrays)."""
         self.check_measurements(measurements, source)
         values = {}
-        images = torch.from_numpy(np.asarray(measurements[IMAGES], np.float32))
+        images = self._tensor(np.asarray(measurements[IMAGES], np.float32))
         clean = self._clean_outputs(images) if self.config.target == "network" else {}
         with torch.no_grad():
             for slot in self.slots:
                 node, attrs, _ = self._layers[slot.layer.node]
-                x = torch.from_numpy(np.asarray(measurements[slot.layer.node + INPUT_SUFFIX], np.float32))
-                y = torch.from_numpy(np.asarray(measurements[slot.layer.node + OUTPUT_SUFFIX], np.float32))
+                x = self._tensor(np.asarray(measurements[slot.layer.node + INPUT_SUFFIX], np.float32))
+                y = self._tensor(np.asarray(measurements[slot.layer.node + OUTPUT_SUFFIX], np.float32))
                 if clean:
                     ideal = clean[node.output[0]]
                 else:
@@ -442,7 +447,10 @@ class Calibrator:
             return self._graph(images, outputs=[self._layers[s.layer.node][0].output[0] for s in self.slots])
 
     def _constant(self, name: str) -> torch.Tensor | None:
-        return torch.from_numpy(numpy_helper.to_array(self._inits[name]).copy()) if name else None
+        return self._tensor(numpy_helper.to_array(self._inits[name]).copy()) if name else None
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
 
     def check_measurements(self, measurements: Mapping[str, np.ndarray], source: str) -> None:
         """One-line errors for a measurement set that cannot calibrate this model."""
@@ -458,7 +466,7 @@ class Calibrator:
             raise CalibrationError(f"{source}: '{IMAGES}' holds {int(np.sum(~np.isfinite(images)))} non-finite values")
         # what each calibrated layer receives and gives in the digital twin, for one of these images
         with torch.no_grad():
-            twin = self._graph(torch.from_numpy(np.asarray(images[:1], np.float32)),
+            twin = self._graph(self._tensor(np.asarray(images[:1], np.float32)),
                                outputs=[name for s in self.slots for name in self._layers[s.layer.node][0].output[:1]
                                         + self._layers[s.layer.node][0].input[:1]])
         for slot in self.slots:
@@ -536,13 +544,24 @@ class CalibratedEvaluator:
     """Monte Carlo accuracy of ``model``'s chips before and after each is calibrated on ``x_calibration``.
 
     Chip ``k`` is the evaluator's chip ``k``: the same draws measured, calibrated and evaluated.
+    Chips are independent: ``evaluate`` hands them to an executor (``rrcompile.executor``), to
+    which the evaluator travels as its recipe. ``device_type`` is where calibration and inference run.
     """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray,
-                 config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = BATCH_SIZE):
+                 config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = BATCH_SIZE,
+                 device_type: str = "cpu"):
         self.model, self.device, self.x_calibration = model, device, x_calibration
-        self.calibrator = Calibrator(model, config)
-        self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)
+        self.calibrator = Calibrator(model, config, device_type=device_type)
+        self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size, device_type=device_type)
+        self._recipe = dict(model=model, device=device, x_calibration=x_calibration, config=config,
+                            batch_size=batch_size, device_type=device_type)
+
+    def __getstate__(self) -> dict:
+        return self._recipe  # the torch graph and the sessions are rebuilt where it is unpickled
+
+    def __setstate__(self, recipe: dict) -> None:
+        self.__init__(**recipe)
 
     def calibrate(self, seed: int, chip: int) -> ChipCalibration:
         simulated = SimulatedChip(self.model, self.device, seed, chip, varied=self.evaluator.varied_model)
@@ -551,27 +570,32 @@ class CalibratedEvaluator:
     def chip_accuracy(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int) -> float:
         return self.evaluator.chip_accuracy(x, y, seed, chip, self.calibrate(seed, chip).values)
 
+    def both_accuracies(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int) -> tuple[float, float]:
+        """(uncalibrated, calibrated) accuracy of one chip."""
+        return self.evaluator.chip_accuracy(x, y, seed, chip), self.chip_accuracy(x, y, seed, chip)
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, samples: int, seed: int, *, progress: bool = True,
-                 desc: str = "chips") -> tuple[ChipStats, ChipStats]:
+                 desc: str = "chips", executor: ChipExecutor = IN_PROCESS) -> tuple[ChipStats, ChipStats]:
         """(uncalibrated, calibrated) statistics over chips ``0 .. samples - 1``."""
         clean = self.evaluator.clean_accuracy(x, y)
-        raw, calibrated = [], []
         # without variation every chip is the same chip: measure and calibrate one
         measured = 1 if self.evaluator.identical_chips else samples
-        for chip in tqdm(range(measured), desc=f"{desc} (calibrated)", unit="chip", disable=not progress, leave=False):
-            raw.append(self.evaluator.chip_accuracy(x, y, seed, chip))
-            calibrated.append(self.chip_accuracy(x, y, seed, chip))
+        pairs = executor.map_chips(functools.partial(self.both_accuracies, x, y, seed), range(measured),
+                                   progress=progress, desc=f"{desc} (calibrated)")
+        raw, calibrated = [list(column) for column in zip(*pairs)]
         return ChipStats(clean, raw * (samples // measured)), ChipStats(clean, calibrated * (samples // measured))
 
 
 def calibrated_sigma_sweep(model: onnx.ModelProto, device: DeviceConfig, sigmas, x_calibration: np.ndarray,
                            x: np.ndarray, y: np.ndarray, samples: int, seed: int, *,
-                           config: CalibrationConfig = CalibrationConfig(), progress: bool = True):
+                           config: CalibrationConfig = CalibrationConfig(), progress: bool = True,
+                           executor: ChipExecutor = IN_PROCESS, device_type: str = "cpu"):
     """(uncalibrated, calibrated): ChipStats per log-normal sigma over the same chips."""
     raw, calibrated = {}, {}
     for sigma in sigmas:
-        evaluator = CalibratedEvaluator(model, device.with_sigma(sigma), x_calibration, config)
-        raw[sigma], calibrated[sigma] = evaluator.evaluate(x, y, samples, seed, progress=progress, desc=f"sigma={sigma:g}")
+        evaluator = CalibratedEvaluator(model, device.with_sigma(sigma), x_calibration, config, device_type=device_type)
+        raw[sigma], calibrated[sigma] = evaluator.evaluate(x, y, samples, seed, progress=progress, desc=f"sigma={sigma:g}",
+                                                           executor=executor)
     return raw, calibrated
 
 

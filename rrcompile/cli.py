@@ -32,6 +32,7 @@ from rrcompile.crossbar import ADC_IMAGES, needs_adc_ranges
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
+from rrcompile.executor import ChipExecutor, chip_executor
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, analog_layers, default_opset, macs_per_sample, model_io, set_library_logging, tensor_shapes,
@@ -43,6 +44,7 @@ from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.strip_simulation import StripSimulationPass
 from rrcompile.rl.selection import SearchResult
 from rrcompile.report import format_table, percent, write_json
+from rrcompile.torch_graph import DEVICE_TYPES, default_device
 
 
 DEFAULT_DEVICE = "lognormal:sigma=0.5"
@@ -177,25 +179,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.device is not None:
         parse_device(args.device)  # a bad spec is reported before the model is read
     plot_path = (args.plot or f"{Path(args.model).stem}.sigma.png") if sweep else None
-    with outputs(input_files(args, args.device), {"--json": args.json, "--plot": plot_path}) as out:
+    check_scale(args)
+    planned = {"--json": args.json, "--plot": plot_path}
+    with outputs(input_files(args, args.device), planned) as out, contextlib.ExitStack() as scope:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
             if args.calibrate:
                 device.refuse_crossbar("evaluate --calibrate")
             x_adc = adc_images(args, model, device, preprocess)
-            evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size, adc_images=x_adc)
-            calibrator = Calibrator(model) if args.calibrate else None  # refuses a model without slots
+            evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size, adc_images=x_adc,
+                                            device_type=args.device_type)
+            # refuses a model without slots
+            calibrator = Calibrator(model, device_type=args.device_type) if args.calibrate else None
         data = load_data(args.data, args.split).subset(args.limit)
         check_labels(data, model)
         x = evaluator.prepare(preprocess.apply(data.x), data.name)
         x_calibration = calibration_images(args, args.calibrate, preprocess, evaluator) if calibrator else None
+        # Ray, if asked for, starts once the inputs are known to be good
+        executor = scope.enter_context(chip_executor(args.workers, args.ray_address))
 
         started = time.perf_counter()
         if calibrator:
-            stats, calibrated = CalibratedEvaluator(model, device, x_calibration, batch_size=args.batch_size).evaluate(
-                x, data.y, args.samples, args.seed, progress=args.progress)
+            stats, calibrated = CalibratedEvaluator(model, device, x_calibration, batch_size=args.batch_size,
+                                                    device_type=args.device_type).evaluate(
+                x, data.y, args.samples, args.seed, progress=args.progress, executor=executor)
         else:
-            stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=args.progress)
+            stats = evaluator.evaluate(x, data.y, args.samples, args.seed, progress=args.progress, executor=executor)
         elapsed = time.perf_counter() - started
         print(f"{args.model} on {data.name} ({len(data.y)} {args.split} images), device {device.describe()}, "
               f"{args.samples} chips, seed {args.seed}"
@@ -215,11 +224,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         if sweep:
             if calibrator:
-                results, calibrated_results = calibrated_sigma_sweep(model, device, sweep, x_calibration, x, data.y,
-                                                                     args.samples, args.seed, progress=args.progress)
+                results, calibrated_results = calibrated_sigma_sweep(
+                    model, device, sweep, x_calibration, x, data.y, args.samples, args.seed, progress=args.progress,
+                    executor=executor, device_type=args.device_type)
             else:
                 results = sigma_sweep(model, device, sweep, x, data.y, args.samples, args.seed,
-                                      batch_size=args.batch_size, progress=args.progress, adc_images=x_adc)
+                                      batch_size=args.batch_size, progress=args.progress, adc_images=x_adc,
+                                      executor=executor, device_type=args.device_type)
             print("\naccuracy vs log-normal sigma" + (", uncalibrated" if calibrator else ""))
             print(sweep_table(results))
             report["sigma_sweep"] = [{"sigma": s, **r.summary()} for s, r in results.items()]
@@ -251,6 +262,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise OptionError("--dump-measurements records a simulated chip: give --chip")
     if args.device is not None:
         parse_device(args.device)
+    default_device(args.device_type)  # cuda without a GPU is refused before any work
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     planned = {"-o": args.output, "--json": args.json, "--dump-measurements": args.dump_measurements}
     with outputs([*input_files(args, args.device), args.measured], planned) as out:
@@ -258,8 +270,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             model, device = load_for_evaluation(args.model, args.device)
             device.refuse_crossbar("rrcompile calibrate")
             # measured in one pass, the layers saw the uncalibrated chip's inputs: match W x on them
-            calibrator = Calibrator(model, CalibrationConfig(target="layer") if args.single_pass else CalibrationConfig())
-            evaluator = MonteCarloEvaluator(model, device)
+            calibrator = Calibrator(model, CalibrationConfig(target="layer") if args.single_pass else CalibrationConfig(),
+                                    device_type=args.device_type)
+            evaluator = MonteCarloEvaluator(model, device, device_type=args.device_type)
         if chip_id is not None:
             x_calibration = calibration_images(args, args.images, preprocess, evaluator)
             chip = SimulatedChip(model, device, *chip_id, varied=evaluator.varied_model)
@@ -363,12 +376,13 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         lipschitz=LipschitzPenalty(args.lipschitz, args.lipschitz_form, args.lipschitz_target) if args.lipschitz else None,
         noise_injection=parse_device(args.noise_injection) if args.noise_injection else None,
         validation_device=None if args.device == "none" else parse_device(args.device),
-        validation_chips=args.validation_chips,
+        validation_chips=args.validation_chips, device_type=args.device_type,
     )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     config = finetune_config(args)
+    default_device(args.device_type)  # cuda without a GPU is refused before any work
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     device_specs = (args.noise_injection, None if args.device == "none" else args.device)
     with outputs(input_files(args, *device_specs), {"-o": args.output, "--json": args.json}) as out:
@@ -437,7 +451,8 @@ def compile_options(args: argparse.Namespace, device: DeviceConfig) -> pipeline.
         train=CompensationConfig(epochs=args.compensation_epochs, batch_size=args.batch_size),
         final_epochs=args.final_epochs, episodes=args.episodes, overhead_weight=args.overhead_weight,
         rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed,
-        calibration=not args.trained_compensation, calibration_images=args.calibration_images)
+        calibration=not args.trained_compensation, calibration_images=args.calibration_images,
+        device_type=args.device_type)
 
 
 @dataclasses.dataclass
@@ -461,11 +476,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     device.refuse_crossbar("rrcompile compile")
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
     options = compile_options(args, device)
+    check_scale(args)
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
     out_path = Path(args.output)
     planned = {"-o": out_path, "--simulate-output": args.simulate_output, "report": out_path.with_suffix(".report.json"),
                "plot": out_path.with_suffix(".sigma.png") if sweep and not args.no_report else None}
-    with outputs(input_files(args, args.device), planned) as out:
+    with outputs(input_files(args, args.device), planned) as out, contextlib.ExitStack() as scope:
         with about(args.model):
             original = pipeline.canonicalize(load_model(args.model))
             check_model_for_data(original)
@@ -477,15 +493,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
         x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
         x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
         log = (lambda _: None) if args.quiet else print
+        # Ray, if asked for, starts once the inputs are known to be good
+        executor = scope.enter_context(chip_executor(args.workers, args.ray_address))
 
         started = time.perf_counter()
         with about(args.model):
-            result = pipeline.compile(original, x_train, train.y, options, progress=args.progress, log=log)
+            result = pipeline.compile(original, x_train, train.y, options, progress=args.progress, log=log,
+                                      executor=executor)
         run = _Compiled(args, device, train, test, result, options.compensation and options.calibration,
                         time.perf_counter() - started)
         if not args.no_report:
             log("[*] report: Monte Carlo evaluation on the test set ...")
-            _evaluate_compiled(run, original, x_test, sweep)
+            _evaluate_compiled(run, original, x_test, sweep, executor)
         _print_compiled(run)
 
         save_model(result.deployed, out["-o"])
@@ -499,29 +518,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep: list[float]) -> None:
+def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep: list[float],
+                       executor: ChipExecutor) -> None:
     """Fill ``run``'s rows and curves: the original and the compiled model over the same chips of the test set."""
     args, device, result, y_test = run.args, run.device, run.result, run.test.y
+    on = dict(device_type=args.device_type)  # where every evaluator of the report runs
+    chips = dict(progress=args.progress, executor=executor)  # and who runs its chips
     started = time.perf_counter()
-    run.rows["original"] = MonteCarloEvaluator(original, device).evaluate(x_test, y_test, args.samples, args.seed,
-                                                                          progress=args.progress)
+    run.rows["original"] = MonteCarloEvaluator(original, device, **on).evaluate(x_test, y_test, args.samples, args.seed,
+                                                                                **chips)
     if run.calibrating:
         run.rows["compiled"], run.rows["compiled + calibrated"] = CalibratedEvaluator(
-            result.model, device, result.x_calibration).evaluate(x_test, y_test, args.samples, args.seed,
-                                                                 progress=args.progress)
+            result.model, device, result.x_calibration, **on).evaluate(x_test, y_test, args.samples, args.seed, **chips)
     else:
-        run.rows["compiled"] = MonteCarloEvaluator(result.model, device).evaluate(x_test, y_test, args.samples,
-                                                                                  args.seed, progress=args.progress)
+        run.rows["compiled"] = MonteCarloEvaluator(result.model, device, **on).evaluate(x_test, y_test, args.samples,
+                                                                                        args.seed, **chips)
     if sweep:
         run.curves["original"] = sigma_sweep(original, device, sweep, x_test, y_test, args.sweep_samples, args.seed,
-                                             progress=args.progress)
+                                             **on, **chips)
         if run.calibrating:
             run.curves["compiled"], run.curves["compiled + calibrated"] = calibrated_sigma_sweep(
                 result.model, device, sweep, result.x_calibration, x_test, y_test, args.sweep_samples,
-                args.seed, progress=args.progress)
+                args.seed, **on, **chips)
         else:
             run.curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, y_test, args.sweep_samples,
-                                                 args.seed, progress=args.progress)
+                                                 args.seed, **on, **chips)
     run.report_seconds = time.perf_counter() - started
 
 
@@ -669,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--calibrate", type=positive_int, metavar="N",
                     help="calibrate every chip on the first N unlabeled train images and report both (a compiled model)")
     ev.add_argument("--json", help="write the report as JSON")
+    _add_scale(ev)
     _add_verbosity(ev)
     ev.set_defaults(run=cmd_evaluate)
 
@@ -689,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "rrcompile in the loop): each slot matches its layer's ideal W x on what the layer saw")
     _add_preprocess(ca)
     ca.add_argument("--json", help="write the report as JSON")
+    _add_device_type(ca)
     _add_verbosity(ca)
     ca.set_defaults(run=cmd_calibrate)
 
@@ -715,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=nonnegative_int, default=default(FinetuneConfig, "seed"))
     _add_preprocess(ft)
     ft.add_argument("--json", help="write the training report as JSON")
+    _add_device_type(ft, "torch training")
     _add_verbosity(ft)
     ft.set_defaults(run=cmd_finetune)
 
@@ -761,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images only")
     co.add_argument("--seed", type=nonnegative_int, default=compile_default("seed"))
     _add_preprocess(co)
+    _add_scale(co, "torch training, calibration and the report's Monte Carlo")
     _add_verbosity(co)
     co.set_defaults(run=cmd_compile)
 
@@ -794,6 +819,28 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
     for name in ("mean", "std"):
         group.add_argument(f"--{name}", default=",".join(f"{v:g}" for v in default(Preprocess, name)),
                            help="one value or a comma list per channel")
+
+
+def _add_device_type(parser: argparse.ArgumentParser, what: str = "calibration and Monte Carlo inference") -> None:
+    parser.add_argument("--device-type", choices=DEVICE_TYPES, default="auto",
+                        help=f"where {what} runs: auto is CUDA when torch sees a GPU, else the CPU (default: auto)")
+
+
+def _add_scale(parser: argparse.ArgumentParser, what: str = "calibration and Monte Carlo inference") -> None:
+    group = parser.add_argument_group("scale: chips run in this process unless Ray is asked for (pip install -e '.[ray]')")
+    group.add_argument("--workers", type=positive_int, metavar="N",
+                       help="run chips on N Ray workers: a local Ray instance with N CPUs (with --ray-address: N "
+                            "workers on that cluster; default there: one per CPU)")
+    group.add_argument("--ray-address", metavar="ADDR", help="join the Ray cluster at ADDR (e.g. 10.0.0.1:6379 or auto)")
+    _add_device_type(group, what)
+
+
+def check_scale(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a GPU asked of Ray workers, and a device type this machine lacks."""
+    if args.device_type == "cuda" and (args.workers or args.ray_address):
+        raise OptionError("--device-type cuda runs chips in this process: drop --workers and --ray-address "
+                          "(Ray workers run chips on their CPUs)")
+    default_device(args.device_type)
 
 
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ class CompensationConfig:
     batch_size: int = BATCH_SIZE
     feature_weight: float = 1.0
     seed: int = 0
+    device_type: str = "auto"  # where torch trains: cpu, cuda, or auto (CUDA when torch sees a GPU)
 
 
 def train_compensation(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray,
@@ -46,7 +47,7 @@ def train_compensation(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarr
     if not found:
         return model, []
     torch.manual_seed(config.seed)
-    target = default_device()
+    target = default_device(config.device_type)
     training = logits_model(model)
     trainable = [name for c in found for name in (c.down, c.up)]
     varied = TorchGraph(InsertVariationPass(device)(training).model, trainable=trainable).to(target)

@@ -10,10 +10,23 @@ A chip is *programmed* once, as the hardware is: the variation subgraph of the v
 become constant initializers of a per-chip onnxruntime session. Constant weights let onnxruntime
 prepack them (NCHWc convolutions), which a weight fed as a run-time input forbids. With read
 noise the weights change on every run, so the varied graph itself runs every batch.
+
+Chips are independent, so ``chip_accuracies`` and :func:`sigma_sweep` hand them to a
+:class:`~rrcompile.executor.ChipExecutor` (in this process by default, or Ray workers); an
+evaluator pickles as its recipe (model, device, options), so a worker rebuilds it once.
+
+On a GPU (``device_type="cuda"``, or ``"auto"`` where torch sees one) inference runs on
+onnxruntime's CUDA execution provider when this onnxruntime has it (the ``onnxruntime-gpu``
+wheel): the same runtime as the CPU path, so the same graph and op semantics. Otherwise it runs
+on the torch executor on CUDA (:class:`rrcompile.torch_graph.TorchSession`), which equals
+onnxruntime op for op (``tests/rrcompile/test_torch_graph.py``), because the default onnxruntime
+wheel is CPU-only while torch, which rrcompile trains with, has CUDA wherever there is a GPU.
+Programming a chip (its variation subgraph, run once per chip) stays on the CPU.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -21,10 +34,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from tqdm import tqdm
 
 from rrcompile.data import batches, fit_to_input
 from rrcompile import crossbar
+from rrcompile.executor import IN_PROCESS, ChipExecutor
 from rrcompile.crossbar import is_crossbar
 from rrcompile.devices import DeviceConfig, noise_inputs
 from rrcompile.errors import DeviceSpecError
@@ -35,10 +48,21 @@ from rrcompile.passes.insert_variation import InsertVariationPass
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
 BATCH_SIZE = 500  # images per onnxruntime run: inference only, so larger than a training mini-batch
+CUDA_PROVIDER = "CUDAExecutionProvider"
+_threads = 0  # intra-op threads of each onnxruntime session; 0: onnxruntime's default, every core
+
+
+def use_threads(count: int) -> None:
+    """Keep this process's onnxruntime sessions to ``count`` threads: a Ray worker that shares the
+    machine with others takes its own share of the cores, not all of them each. (Torch follows
+    ``OMP_NUM_THREADS``, which Ray sets to a worker's CPUs.)"""
+    global _threads
+    _threads = count
 
 
 def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    options.intra_op_num_threads = _threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # ORT warns about noise inputs a sigma=0 graph never reads
     # a chip's session lives for one pass over the data: planning memory patterns on its first
@@ -47,8 +71,20 @@ def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
     return options
 
 
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"])
+def make_session(model: onnx.ModelProto, device_type: str = "cpu", *, short_lived: bool = False):
+    """An inference session for ``model`` (``run(None, feed)``) on ``device_type`` (``cpu``, ``cuda``
+    or ``auto``): onnxruntime on the CPU; on a GPU, see the module docstring."""
+    providers = ["CPUExecutionProvider"]
+    if device_type != "cpu":
+        # torch only when a GPU may be asked for: evaluating on the CPU never loads it
+        from rrcompile.torch_graph import TorchSession, default_device
+
+        target = default_device(device_type)
+        if target.type == "cuda" and CUDA_PROVIDER not in ort.get_available_providers():
+            return TorchSession(model, target)
+        if target.type == "cuda":
+            providers.insert(0, CUDA_PROVIDER)
+    return ort.InferenceSession(model.SerializeToString(), _session_options(short_lived=short_lived), providers=providers)
 
 
 def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -159,14 +195,18 @@ class MonteCarloEvaluator:
 
     A device with an ``adc`` term needs the ADC ranges (:func:`rrcompile.crossbar.adc_ranges`):
     given as ``adc_ranges``, or fixed here from ``adc_images`` (training images, prepared).
+    ``device_type`` is where inference runs (``cpu``, ``cuda``, ``auto``; see the module docstring).
     """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, *, batch_size: int = BATCH_SIZE,
-                 adc_images: np.ndarray | None = None, adc_ranges: Mapping[str, np.ndarray] | None = None):
+                 adc_images: np.ndarray | None = None, adc_ranges: Mapping[str, np.ndarray] | None = None,
+                 device_type: str = "cpu"):
         self.input_name, self.input_shape = model_io(model)
-        self.batch_size = batch_size
-        self.clean_session = make_session(model)
+        self.batch_size, self.device_type = batch_size, device_type
+        self.clean_session = make_session(model, device_type)
         self.adc_ranges = _ranges(model, device, adc_images, adc_ranges)
+        self._recipe = dict(model=model, device=device, batch_size=batch_size, adc_ranges=self.adc_ranges,
+                            device_type=device_type)
         varied = InsertVariationPass(device, self.adc_ranges)(model)
         self.varied_model = varied.model
         self.noise = noise_inputs(self.varied_model)
@@ -175,13 +215,20 @@ class MonteCarloEvaluator:
         # sigma = 0 and the like: every chip is programmed to the target weights, so all are one chip
         self.identical_chips = self.exact or device.same_chips
         if self.read_noise:
-            self.varied_session = make_session(self.varied_model)
+            self.varied_session = make_session(self.varied_model, device_type)
         elif not self.exact:
             program, self.chip_model = split_programming(self.varied_model, self.input_name)
             # tiles or ADCs and no weight effect: nothing to program, every chip is the chip model
             self.program_session = make_session(program) if program.graph.output else None
             by_name = {t.name: t for t in self.chip_model.graph.initializer}
             self.programmed_initializers = [by_name[o.name] for o in program.graph.output]
+
+    def __getstate__(self) -> dict:
+        # sessions do not pickle: the evaluator travels as what builds it (to a Ray worker, once per map)
+        return self._recipe
+
+    def __setstate__(self, recipe: dict) -> None:
+        self.__init__(**recipe)
 
     def prepare(self, x: np.ndarray, data_name: str | None = None) -> np.ndarray:
         return fit_to_input(x, self.input_name, self.input_shape, data_name=data_name)
@@ -209,29 +256,35 @@ class MonteCarloEvaluator:
         calibration's per-chip compensation parameters).
         """
         if self.exact:
-            session = self.clean_session if not digital else _short_lived(with_initializers(self.varied_model, digital))
+            session = self.clean_session if not digital else self._short_lived(with_initializers(self.varied_model, digital))
             return session, dict
         feed = self.chip_feed(seed, chip)
         if self.read_noise:
             read_rng = np.random.default_rng([seed, chip, 1])
-            session = self.varied_session if not digital else _short_lived(with_initializers(self.varied_model, digital))
+            session = self.varied_session if not digital else self._short_lived(with_initializers(self.varied_model, digital))
             return session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
         programmed = self.program_session.run(None, feed) if self.program_session is not None else []
         for initializer, weight in zip(self.programmed_initializers, programmed):
             initializer.raw_data = weight.astype(np.float32, copy=False).tobytes()
         # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
         # the model's own initializer data, so an override gives wrong results
-        return _short_lived(with_initializers(self.chip_model, digital) if digital else self.chip_model), dict
+        return self._short_lived(with_initializers(self.chip_model, digital) if digital else self.chip_model), dict
 
-    def chip_accuracies(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> list[float]:
+    def _short_lived(self, model: onnx.ModelProto):
+        return make_session(model, self.device_type, short_lived=True)
+
+    def chip_accuracies(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips",
+                        executor: ChipExecutor = IN_PROCESS) -> list[float]:
+        """Accuracy of chips ``0 .. samples - 1`` of ``seed``, in chip order, computed by ``executor``."""
         if self.identical_chips:  # every chip is the same chip: measure it once
             return [self.chip_accuracy(x, y, seed, 0)] * samples
-        chips = tqdm(range(samples), desc=desc, unit="chip", disable=not progress, leave=False)
-        return [self.chip_accuracy(x, y, seed, chip) for chip in chips]
+        return executor.map_chips(functools.partial(self.chip_accuracy, x, y, seed), range(samples),
+                                  progress=progress, desc=desc)
 
-    def evaluate(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips") -> ChipStats:
+    def evaluate(self, x, y, samples: int, seed: int, *, progress: bool = True, desc: str = "chips",
+                 executor: ChipExecutor = IN_PROCESS) -> ChipStats:
         clean = self.clean_accuracy(x, y)
-        return ChipStats(clean, self.chip_accuracies(x, y, samples, seed, progress=progress, desc=desc))
+        return ChipStats(clean, self.chip_accuracies(x, y, samples, seed, progress=progress, desc=desc, executor=executor))
 
 
 def _ranges(model: onnx.ModelProto, device: DeviceConfig, images: np.ndarray | None,
@@ -243,21 +296,20 @@ def _ranges(model: onnx.ModelProto, device: DeviceConfig, images: np.ndarray | N
     return crossbar.adc_ranges(model, device, images)
 
 
-def _short_lived(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), _session_options(short_lived=True), providers=["CPUExecutionProvider"])
-
-
 def sigma_sweep(
     model: onnx.ModelProto, device: DeviceConfig, sigmas: Sequence[float], x, y, samples: int, seed: int,
     *, batch_size: int = BATCH_SIZE, progress: bool = True, adc_images: np.ndarray | None = None,
+    executor: ChipExecutor = IN_PROCESS, device_type: str = "cpu",
 ) -> dict[float, ChipStats]:
     """ChipStats at each log-normal sigma, the other device models unchanged (the ADC ranges,
     fixed on the clean network, are the same at every sigma)."""
     results = {}
     ranges = _ranges(model, device, adc_images, None)
     for sigma in sigmas:
-        evaluator = MonteCarloEvaluator(model, device.with_sigma(sigma), batch_size=batch_size, adc_ranges=ranges)
-        results[sigma] = evaluator.evaluate(x, y, samples, seed, progress=progress, desc=f"sigma={sigma:g}")
+        evaluator = MonteCarloEvaluator(model, device.with_sigma(sigma), batch_size=batch_size, adc_ranges=ranges,
+                                        device_type=device_type)
+        results[sigma] = evaluator.evaluate(x, y, samples, seed, progress=progress, desc=f"sigma={sigma:g}",
+                                            executor=executor)
     return results
 
 

@@ -57,6 +57,9 @@ class FinetuneConfig:
     clean_tolerance: float = 0.005
     calibration: CalibrationConfig | None = None  # train for calibration (with noise_injection)
     calibration_images: int = CALIBRATION_IMAGES  # per validation chip
+    # where torch trains: cpu, cuda, or auto (CUDA when torch sees a GPU); the validation chips
+    # stay on onnxruntime's CPU path, so the epoch kept does not depend on the machine
+    device_type: str = "auto"
 
 
 @dataclasses.dataclass
@@ -106,7 +109,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
              progress: bool = True) -> FinetuneResult:
     """Fine-tune canonical ``model`` on prepared inputs ``x`` (fitted to its input) and labels ``y``."""
     torch.manual_seed(config.seed)
-    device = default_device()
+    device = default_device(config.device_type)
     x_train, y_train, x_val, y_val = split_validation(x, y, config.val_fraction, config.seed)
     training = logits_model(model)
     if config.noise_injection is not None:

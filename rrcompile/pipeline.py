@@ -34,6 +34,7 @@ from rrcompile.compensation_training import CompensationConfig, train_compensati
 from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.errors import OptionError, UnsupportedModelError
+from rrcompile.executor import IN_PROCESS, ChipExecutor
 from rrcompile.finetune import FinetuneConfig, finetune, split_validation
 from rrcompile.graph import analog_layers
 from rrcompile.hardware import DEFAULT_TILE, HardwareReport
@@ -92,6 +93,8 @@ class CompileOptions:
     rl_images: int = 2000
     tile: int = DEFAULT_TILE
     seed: int = 0
+    # where torch trains and calibrates: cpu, cuda, or auto (CUDA when torch sees a GPU)
+    device_type: str = "auto"
 
 
 @dataclasses.dataclass
@@ -149,12 +152,14 @@ def finetune_config(options: CompileOptions) -> FinetuneConfig:
                         if calibrating and options.noise_injection and options.train_for_calibration else None,
                         "calibration_config (when calibrating with noise_injection and train_for_calibration)"),
         "calibration_images": (options.calibration_images, "calibration_images"),
+        "device_type": (options.device_type, "device_type"),
     })
 
 
 def compensation_config(options: CompileOptions) -> CompensationConfig:
     """The trained compensation's configuration: ``options.train`` with what the options decide filled in."""
-    derived: dict[str, tuple[object, str]] = {"seed": (options.seed, "seed")}
+    derived: dict[str, tuple[object, str]] = {"seed": (options.seed, "seed"),
+                                              "device_type": (options.device_type, "device_type")}
     if options.noise_injection:
         # a network fine-tuned on sampled chips expects varied feature maps downstream: pulling them
         # toward the clean ones then costs accuracy (LeNet-5, sigma 0.5: 95.7% with the term off,
@@ -178,14 +183,14 @@ def _agent(options: CompileOptions, otherwise: SelectionStrategy, progress: bool
 
 def _seconds_to_calibrate(model: onnx.ModelProto, options: CompileOptions, x_calibration: np.ndarray) -> float:
     """Wall seconds to measure and solve one chip (a validation chip) on this machine."""
-    calibrator = Calibrator(model, options.calibration_config)
+    calibrator = Calibrator(model, options.calibration_config, device_type=options.device_type)
     chip = SimulatedChip(model, options.device, options.seed, VALIDATION_CHIPS_FROM)
     started = time.perf_counter()
     calibrator.calibrate(chip, x_calibration)
     return time.perf_counter() - started
 
 
-def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bool):
+def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bool, executor: ChipExecutor):
     """(model with a calibration slot per layer at the agent's ranks, selection, ranks, calibration images)."""
     x_train, _, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
     # the first images of the training data, as `rrcompile evaluate --calibrate` and `calibrate` take them
@@ -200,7 +205,7 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     env = stage("profile layers", lambda: CalibrationEnv(
         model, options.device, x_calibration, x_val[:options.rl_images], y_val[:options.rl_images],
         chips=options.rl_chips, seed=options.seed, overhead_weight=_overhead_weight(options, "calibrated"),
-        max_overhead=options.budget, calibration=options.calibration_config))
+        max_overhead=options.budget, calibration=options.calibration_config, executor=executor))
     label, agent = _agent(options, GreedyBySensitivity(), progress)
     choice = stage("RL selection", lambda: agent.select(env, options.budget))
     selection = {"none": Fixed(keep_all=False).select(env, options.budget),
@@ -231,8 +236,10 @@ def _trained_compensation(model, x, y, options: CompileOptions, train: Compensat
 
 
 def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: CompileOptions, *,
-            progress: bool = True, log: Callable[[str], None] = print) -> CompileResult:
-    """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``."""
+            progress: bool = True, log: Callable[[str], None] = print, executor: ChipExecutor = IN_PROCESS,
+            ) -> CompileResult:
+    """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``; ``executor``
+    runs the agent's calibrated validation chips."""
     config, train = finetune_config(options), compensation_config(options)  # a conflict is refused before any work
     seconds: dict[str, float] = {}
 
@@ -251,7 +258,7 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         model = stage("fine-tune", lambda: finetune(model, x, y, config, progress=progress).model)
     selection, kept, ranks, x_calibration, calibration_seconds = {}, [], {}, None, None
     if calibrating:
-        model, selection, ranks, x_calibration = _calibration_slots(model, x, y, options, stage, progress)
+        model, selection, ranks, x_calibration = _calibration_slots(model, x, y, options, stage, progress, executor)
         kept = [layer for layer, rank in ranks.items() if rank]
         if fine_tune and config.calibration is not None:
             model = stage("fine-tune for calibration", lambda: finetune(model, x, y, config, progress=progress).model)

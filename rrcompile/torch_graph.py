@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from rrcompile.compensation import candidates
 from rrcompile.crossbar import torch_ops as crossbar_torch_ops
 from rrcompile.devices import BY_OP_TYPE, noise_inputs
-from rrcompile.errors import UnsupportedModelError
+from rrcompile.errors import OptionError, UnsupportedModelError
 from rrcompile.graph import (
     RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, default_opset, is_default_domain, model_io,
     with_initializers,
@@ -57,8 +57,17 @@ CONSTANT_ATTRIBUTES = {"value": None, "value_float": torch.float32, "value_float
 PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE_TYPES = ("auto", "cpu", "cuda")
+
+
+def default_device(device_type: str = "auto") -> torch.device:
+    """The torch device ``device_type`` names: ``auto`` is CUDA when torch sees a GPU, else the CPU;
+    ``cuda`` without a GPU is a one-line error rather than a silent run on the CPU."""
+    if device_type not in DEVICE_TYPES:
+        raise OptionError(f"device type {device_type!r}: expected one of {', '.join(DEVICE_TYPES)}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device type cuda: torch sees no CUDA GPU here (use --device-type cpu or auto)")
+    return torch.device("cuda" if device_type != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 # --- spatial ops --------------------------------------------------------------------------------
@@ -593,3 +602,23 @@ def write_back(module: TorchGraph, model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers hold ``module``'s trained parameters (same names, dtypes)."""
     return with_initializers(model, {name: p.detach().cpu().numpy()
                                      for name, p in [*module.named_onnx_parameters(), *module.layer_initializers()]})
+
+
+class TorchSession:
+    """``model`` on the torch executor behind onnxruntime's session interface (``run(names, feed)``
+    -> numpy arrays): the Monte Carlo evaluator's GPU path where onnxruntime has no CUDA provider
+    (``rrcompile.evaluate`` says why)."""
+
+    def __init__(self, model: onnx.ModelProto, device: torch.device):
+        self.device = device
+        self.graph = TorchGraph(model, trainable=[]).to(device).eval()
+
+    def run(self, output_names: Sequence[str] | None, feed: dict) -> list:
+        x = torch.as_tensor(feed[self.graph.input_name], device=self.device)
+        rest = {name: torch.as_tensor(value, device=self.device) for name, value in feed.items()
+                if name != self.graph.input_name}
+        names = list(output_names or self.graph.output_names)
+        # cuDNN would compute float32 convolutions in TF32 (10-bit mantissa), no longer onnxruntime's numbers
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            values = self.graph(x, rest, outputs=names)
+        return [values[name].cpu().numpy() for name in names]

@@ -23,6 +23,7 @@ up to it varied, the candidate's cost, and the overhead already spent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -35,6 +36,7 @@ from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, slot_wei
 from rrcompile.compensation import Candidate, candidates
 from rrcompile.devices import DeviceConfig
 from rrcompile.evaluate import BATCH_SIZE, MonteCarloEvaluator, make_session, session_accuracy
+from rrcompile.executor import IN_PROCESS, ChipExecutor
 from rrcompile.graph import analog_layers, model_io, to_networkx
 from rrcompile.lipschitz import SpectralReport
 
@@ -216,13 +218,16 @@ class CalibrationEnv(CompensationEnv):
     over ``chips`` validation chips, of each chip's accuracy *after* it is calibrated on
     ``x_calibration`` with that configuration's ranks; its overhead counts every slot's digital
     weights (``slot_weights``). The state is the base environment's, the cost feature being that
-    of the slot's largest rank.
+    of the slot's largest rank. The validation chips of a configuration are independent: ``executor``
+    runs them (in this process by default, or on Ray workers).
     """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray, x: np.ndarray,
                  y: np.ndarray, *, chips: int = 4, seed: int = 0, overhead_weight: float = 1.0,
-                 max_overhead: float = 1.0, batch_size: int = BATCH_SIZE, calibration: CalibrationConfig | None = None):
+                 max_overhead: float = 1.0, batch_size: int = BATCH_SIZE, calibration: CalibrationConfig | None = None,
+                 executor: ChipExecutor = IN_PROCESS):
         self.model, self.device, self.x_calibration = model, device, x_calibration
+        self.executor = executor
         self.calibration = calibration or CalibrationConfig()
         super().__init__(model, device, x, y, chips=chips, seed=seed, overhead_weight=overhead_weight,
                          max_overhead=max_overhead, batch_size=batch_size)
@@ -251,7 +256,8 @@ class CalibrationEnv(CompensationEnv):
             else:
                 evaluator = CalibratedEvaluator(with_ranks(self.model, self.rank_config(keep)), self.device,
                                                 self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size)
-                accuracy = float(np.mean([evaluator.chip_accuracy(self.x, self.y, self.seed, VALIDATION_CHIPS_FROM + chip)
-                                          for chip in range(self.chips)]))
+                chips = [VALIDATION_CHIPS_FROM + chip for chip in range(self.chips)]
+                accuracy = float(np.mean(self.executor.map_chips(
+                    functools.partial(evaluator.chip_accuracy, self.x, self.y, self.seed), chips, progress=False)))
                 self._rewards[keep] = (accuracy, accuracy - self.overhead_weight * overhead)
         return self._rewards[keep]

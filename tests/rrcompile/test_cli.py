@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -213,3 +214,43 @@ def test_evaluate_calibrate_reports_both_over_the_same_chips(compiled_digits, tm
     assert calibrated["mean"] > result["mean"]
     assert main(["evaluate", str(DIGITS_MODEL), "--calibrate", "16", "--samples", "1", "--quiet"]) == 2
     assert "no calibratable compensation" in capsys.readouterr().err
+
+
+# --- scale: Ray workers and the device type ------------------------------------------------------
+
+def test_evaluate_on_ray_workers_reports_the_in_process_chips(compiled_digits, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'): --workers is untested")
+    reports = {"here": tmp_path / "here.json", "ray": tmp_path / "ray.json"}
+    base = ["evaluate", compiled_digits, "--calibrate", "64", "--samples", "4", "--limit", "150", "--quiet"]
+    assert main([*base, "--json", str(reports["here"])]) == 0
+    assert main([*base, "--json", str(reports["ray"]), "--workers", "2"]) == 0
+    here, ray = (json.loads(reports[k].read_text()) for k in ("here", "ray"))
+    assert ray["chip_accuracies"] == here["chip_accuracies"]
+    assert ray["calibrated"]["chip_accuracies"] == here["calibrated"]["chip_accuracies"]
+
+
+def test_workers_without_ray_installed_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    assert evaluate("--samples", "2", "--limit", "50", "--workers", "2", "--json", str(tmp_path / "r.json")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "pip install -e '.[ray]'" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compile", "finetune", "calibrate"])
+def test_cuda_without_a_gpu_is_one_line_exit_2_and_no_output(command, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here: --device-type cuda is allowed")
+    out = ["-o", str(tmp_path / "out.onnx")] if command != "evaluate" else ["--json", str(tmp_path / "r.json")]
+    chip = ["--chip", "0:0"] if command == "calibrate" else []
+    assert main([command, str(DIGITS_MODEL), "--device-type", "cuda", "--quiet", *chip, *out]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "no CUDA GPU" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_is_not_asked_of_ray_workers(capsys):
+    assert evaluate("--device-type", "cuda", "--workers", "2") == 2
+    assert "drop --workers" in capsys.readouterr().err

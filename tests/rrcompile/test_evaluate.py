@@ -110,3 +110,21 @@ def test_importing_the_evaluator_leaves_torch_unloaded():
     code = "import rrcompile.evaluate, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_gpu_sessions_use_onnxruntime_cuda_when_present_else_the_torch_executor(digits, monkeypatch):
+    """The routing of make_session, checked without a GPU: the GPU is stubbed, the sessions recorded."""
+    import rrcompile.torch_graph as torch_graph
+    from rrcompile import evaluate
+
+    model, _, _ = digits
+    built = []
+    monkeypatch.setattr(torch_graph, "default_device", lambda device_type: torch_graph.torch.device("cuda"))
+    monkeypatch.setattr(torch_graph, "TorchSession", lambda m, target: built.append(("torch", target.type)))
+    monkeypatch.setattr(evaluate.ort, "InferenceSession", lambda data, options, providers: built.append(providers))
+    monkeypatch.setattr(evaluate.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    evaluate.make_session(model, "cuda")
+    monkeypatch.setattr(evaluate.ort, "get_available_providers", lambda: [evaluate.CUDA_PROVIDER, "CPUExecutionProvider"])
+    evaluate.make_session(model, "auto")
+    evaluate.make_session(model, "cpu")
+    assert built == [("torch", "cuda"), [evaluate.CUDA_PROVIDER, "CPUExecutionProvider"], ["CPUExecutionProvider"]]

@@ -372,3 +372,34 @@ def test_layer_modules_refuse_a_gemm_linear_cannot_express():
     model = graph_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transA=1)], [3, 4], {"W": w(3, 5)})
     with pytest.raises(UnsupportedModelError, match=r"node 'fc' \(Gemm\): no torch.nn.Linear for transA"):
         TorchGraph(model, layer_modules=True)
+
+
+def test_torch_session_runs_a_chip_as_onnxruntime_does():
+    """The Monte Carlo evaluator's GPU path, on the CPU: the same chip, the same accuracy."""
+    from rrcompile.data import Preprocess, load_data
+    from rrcompile.evaluate import MonteCarloEvaluator, session_accuracy
+    from rrcompile.torch_graph import TorchSession
+
+    model = canonicalize(onnx.load(str(DIGITS_MODEL)))
+    data = load_data("digits", "test").subset(200)
+    x = Preprocess.parse("255", "0", "1").apply(data.x)
+    evaluator = MonteCarloEvaluator(model, parse_device("lognormal:sigma=0.5+read:eta=0.01"))
+    onnxruntime_session, feed = evaluator.chip(seed=0, chip=2)
+    fixed = feed()  # one read, so both runs see the same weights
+    torch_session = TorchSession(evaluator.varied_model, torch.device("cpu"))
+    expected = onnxruntime_session.run(None, {"image": x, **fixed})[0]
+    np.testing.assert_allclose(torch_session.run(None, {"image": x, **fixed})[0], expected, atol=1e-4, rtol=1e-4)
+    assert session_accuracy(torch_session, "image", x, data.y, 64, lambda: fixed) == \
+        session_accuracy(onnxruntime_session, "image", x, data.y, 64, lambda: fixed)
+
+
+def test_cuda_without_a_gpu_is_refused_and_auto_falls_back_to_the_cpu(monkeypatch):
+    from rrcompile.errors import OptionError
+    from rrcompile.torch_graph import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device("auto").type == default_device("cpu").type == "cpu"
+    with pytest.raises(OptionError, match="no CUDA GPU"):
+        default_device("cuda")
+    with pytest.raises(OptionError, match="expected one of auto, cpu, cuda"):
+        default_device("tpu")
