@@ -15,7 +15,7 @@ Rules:
 6. A layer with a ``tile`` or ``adc`` term is rewritten to compute per tile
    (:func:`rrcompile.crossbar.tile_layer`): ``TileWeight`` after the weight chain, the analog node
    computing every tile's partial sums, ``TileSplit*``, the ADC function (reading the initializer
-   ``<layer>.adc_range`` from ``adc_ranges``, and with ADC noise the graph input
+   ``<layer>.adc_range`` from ``adc_ranges``, else from the device's, and with ADC noise the graph input
    ``<layer>.adc_noise``, drawn per inference), ``ReduceSum`` over tiles, then the digital bias.
    An ADC without its ranges is refused.
 7. Every function used is added once to ``model.functions`` and ``ai.rrcompile`` to the opset
@@ -43,7 +43,7 @@ class InsertVariationPass(Pass):
 
     def __init__(self, device: DeviceConfig, adc_ranges: Mapping[str, np.ndarray] | None = None):
         self.device = device
-        self.adc_ranges = dict(adc_ranges or {})
+        self.adc_ranges = {**device.adc_ranges, **(adc_ranges or {})}  # the ranges given override the device's
 
     def requires(self, model: onnx.ModelProto) -> None:
         if default_opset(model) != TARGET_OPSET:

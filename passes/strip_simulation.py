@@ -8,8 +8,8 @@ Rules:
    import once unused).
 3. A tiled layer (``tile`` / ``adc`` terms) computes untiled again: its crossbar nodes, their
    initializers and the ADC noise input go, and the analog node reads its weight and bias and
-   writes its output again (:func:`rrcompile.crossbar.untile`). (The deployed graph does not carry
-   the ADC ranges yet.)
+   writes its output again (:func:`rrcompile.crossbar.untile`); ``deploy`` then puts the tiles
+   and noiseless ADCs back, with their ranges.
 4. Every compensation gate stops being a graph input and stays an initializer with its value: a
    chip has nobody to feed it, and a constant lets onnxruntime fold it.
 The result has no variation op, its only graph inputs are the model's data inputs, and it passes

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from rrcompile.compensation import Candidate, calibration_kind, candidates
-from rrcompile.devices import DeviceConfig, is_variation, noise_inputs
+from rrcompile.crossbar import is_adc, layer_torch
+from rrcompile.devices import Adc, DeviceConfig, DeviceModel, crossbar_models, is_variation, noise_inputs, weight_models
 from rrcompile.errors import DataError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, draw_chip
 from rrcompile.executor import IN_PROCESS, ChipExecutor
@@ -125,7 +126,7 @@ def programmed_weights(model: onnx.ModelProto, device: DeviceConfig, feed: Mappi
     inits = {t.name: t for t in model.graph.initializer}
     weights = {}
     for layer in analog_layers(model):
-        stack = device.for_layer(layer.node, layer.weight)
+        stack = weight_models(device.for_layer(layer.node, layer.weight))  # tiles and ADCs act on the outputs
         if not stack or only not in (None, layer.node):
             continue
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
@@ -152,6 +153,10 @@ class SimulatedChip(Chip):
     stream of the chip's that the evaluator does not use): one read for all calibration images
     would make its noise look like the chip's lasting error, and calibration would fit it
     (``read:eta=0.2``: 47% calibrated against 66% raw, over 5 digits chips, with a single read).
+    ADC noise, drawn per inference too, is read the same way. A layer with ``tile`` or ``adc``
+    terms runs on its crossbar (:func:`rrcompile.crossbar.layer_torch`: per-tile partial sums,
+    converted with the ADC ranges the device carries, then summed), so calibration sees the
+    converters' error as part of the chip's.
     """
 
     READ_CHUNK = 16
@@ -163,7 +168,8 @@ class SimulatedChip(Chip):
         self._layers = _layer_nodes(model)
         varied = varied if varied is not None else InsertVariationPass(device)(model).model
         self._feed = draw_chip(varied, seed, index)
-        self._reads = any(m.noise is not None and m.noise.per == "inference" for s in device.stacks() for m in s)
+        self._reads = any(m.noise.per == "inference" if isinstance(m, DeviceModel) and m.noise is not None
+                          else isinstance(m, Adc) and m.random for s in device.stacks() for m in s)
         self._read_rng = np.random.default_rng([seed, index, 2])
         self._weights = programmed_weights(model, device, self._feed) if not self._reads else {}
         self._inits = {t.name: t for t in model.graph.initializer}
@@ -177,15 +183,23 @@ class SimulatedChip(Chip):
             for start in range(0, len(x), self.READ_CHUNK)])
 
     def _run(self, layer: str, x: np.ndarray, weights: Mapping[str, np.ndarray]) -> np.ndarray:
-        node, attrs, _ = self._layers[layer]
+        node, attrs, analog = self._layers[layer]
         inputs = [torch.from_numpy(np.ascontiguousarray(x, np.float32))]
         for index, name in enumerate(node.input[1:], start=1):
             if index == 1 and layer in weights:
                 inputs.append(torch.from_numpy(weights[layer]))
             else:
                 inputs.append(torch.from_numpy(numpy_helper.to_array(self._inits[name]).copy()) if name else None)
+        op = OPS[op_key(node)]
+        tile, adc = crossbar_models(self._device.for_layer(analog.node, analog.weight))
         with torch.no_grad():
-            return OPS[op_key(node)](inputs, attrs)[0].numpy()
+            if tile is None and adc is None:
+                return op(inputs, attrs)[0].numpy()
+            return layer_torch(node, analog, attrs, lambda data, weight: op([data, weight], attrs)[0], inputs[0],
+                               inputs[1], inputs[2] if len(inputs) > 2 else None, tile, adc,
+                               self._device.adc_ranges.get(layer),
+                               lambda shape: torch.from_numpy(self._read_rng.standard_normal(shape, dtype=np.float32)),
+                               ).numpy()
 
 
 @dataclasses.dataclass
@@ -335,7 +349,7 @@ def solve(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, dow
 def calibrated_forward(module: TorchGraph, found: list[Slot], x: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:
     """The output of a varied model's chip (one draw of ``module``'s noise) calibrated on ``x`` itself.
 
-    The clean network (the variation ops bypassed) gives every slot's target on the same batch;
+    The clean network (the variation ops and ADCs bypassed) gives every slot's target on the same batch;
     then the chip runs and each slot is solved in closed form as it is reached. The solved
     parameters are constants to the gradient (through the solve, the gradient of a gain on a
     nearly dead column explodes: LeNet-5 fell to 92% clean in 5 epochs), so training learns
@@ -344,7 +358,8 @@ def calibrated_forward(module: TorchGraph, found: list[Slot], x: torch.Tensor, c
     by_node = {slot.candidate.node: slot for slot in found}
 
     def exact(node: onnx.NodeProto, attrs: dict, inputs: list) -> list | None:
-        return [inputs[0]] if is_variation(node) else None
+        # the clean network: no weight effect and ideal converters (tiles alone change nothing)
+        return [inputs[0]] if is_variation(node) or is_adc(node) else None
 
     with torch.no_grad():  # the targets are what the chip should give, not something to train
         target = module(x, outputs=[slot.node.input[0] for slot in found], intercept=exact)

@@ -28,7 +28,7 @@ from rrcompile.compensation_training import CompensationConfig
 from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
 from rrcompile.deploy import compiled_device, deploy
-from rrcompile.crossbar import ADC_IMAGES, needs_adc_ranges
+from rrcompile.crossbar import ADC_IMAGES, adc_range_shapes, needs_adc_ranges, untile, with_adc_ranges
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
@@ -95,15 +95,21 @@ def parse_sweep(text: str) -> list[float]:
 def load_for_evaluation(path: str, device_spec: str | None) -> tuple[onnx.ModelProto, DeviceConfig]:
     """The model to evaluate and its device: a simulation graph (``compile --simulate-output``)
     brings its own, read back from its variation ops; any other model takes ``--device``, by
-    default the device a deployed graph was compiled for, else the default device."""
+    default the device a deployed graph was compiled for, else the default device. A deployed
+    graph that keeps its tiles and ADCs is evaluated on the layers as written (the device
+    simulates the crossbar), with the ADC ranges it stores where they fit the device's tiles."""
     model = load_model(path)
     embedded = simulated_device(model)
-    if embedded is None:
+    if embedded is None or HardwareReport.from_model(model) is not None:
         recorded = compiled_device(model)  # a deployed graph: the device it was compiled for
+        stored = embedded.adc_ranges if embedded is not None else {}
+        untile(model)  # before canonicalizing, which would fold the tiled weight into a constant
         model = pipeline.canonicalize(model)
         device = parse_device(device_spec) if device_spec else recorded or parse_device(DEFAULT_DEVICE)
         check_model_for_data(model)
         device.check_patterns(analog_layers(model))
+        if stored and adc_range_shapes(model, device) == {layer: r.shape for layer, r in stored.items()}:
+            device = dataclasses.replace(device, adc_ranges=stored)
         return model, device
     if device_spec is not None:
         raise DeviceSpecError("the model is a simulation graph with its own device; drop --device")
@@ -184,8 +190,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with outputs(input_files(args, args.device), planned) as out, contextlib.ExitStack() as scope:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
-            if args.calibrate:
-                device.refuse_crossbar("evaluate --calibrate")
             x_adc = adc_images(args, model, device, preprocess)
             evaluator = MonteCarloEvaluator(model, device, batch_size=args.batch_size, adc_images=x_adc,
                                             device_type=args.device_type)
@@ -268,7 +272,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with outputs([*input_files(args, args.device), args.measured], planned) as out:
         with about(args.model):
             model, device = load_for_evaluation(args.model, args.device)
-            device.refuse_crossbar("rrcompile calibrate")
             # measured in one pass, the layers saw the uncalibrated chip's inputs: match W x on them
             calibrator = Calibrator(model, CalibrationConfig(target="layer") if args.single_pass else CalibrationConfig(),
                                     device_type=args.device_type)
@@ -292,6 +295,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             source = f"measurements {args.measured} ({len(calibration.measurements['images'])} images)"
         seconds = time.perf_counter() - started
         chip_graph = calibration.apply(model)
+        if device.crossbar:  # hardware-ready like the deployed graph: its tiles and ADCs kept
+            chip_graph = redeploy(chip_graph, (HardwareReport.from_model(model) or {}).get("tile", DEFAULT_TILE), device)[0]
         print(f"{args.model}: calibrated {len(calibrator.slots)} slots for {source} in {seconds:.2f} s")
         print(format_table(["layer", "rank", "per-chip weights"], [
             [slot.layer.node, str(slot.candidate.rank),
@@ -325,7 +330,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with outputs(input_files(args), {"--json": args.json}) as out:
         with about(args.model):
             original = load_model(args.model)
-            model = pipeline.canonicalize(original)
+            untiled = onnx.ModelProto.FromString(original.SerializeToString())
+            # a deployed graph's tiles and ADCs: counted as it lays them out (canonicalizing would
+            # fold the tiled weights into constants)
+            hardware = HardwareReport.of(original, args.tile) if untile(untiled) else None
+            model = pipeline.canonicalize(untiled)
+        own = {layer.name: layer for layer in hardware.layers} if hardware else {}
         shapes = tensor_shapes(model)
         try:
             name, shape = model_io(model)
@@ -335,7 +345,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rows, report_layers = [], []
         for layer in layers:
             macs = macs_per_sample(model, layer, shapes)
-            tiles = layer.tiles(args.tile)
+            tiles = own[layer.node].tiles if layer.node in own else layer.tiles(args.tile)
             rows.append([layer.node, layer.op, layer.weight, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
                          f"{macs:,}" if macs is not None else "?", f"{layer.rows}x{layer.cols}", tiles])
             report_layers.append({"node": layer.node, "op": layer.op, "weight": layer.weight, "weight_shape": list(layer.weight_shape),
@@ -354,11 +364,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             total_params = sum(layer.params for layer in layers)
             total_macs = sum(r["macs"] or 0 for r in report_layers)
             rows.append(["total", "", "", "", f"{total_params:,}", f"{total_macs:,}", "", sum(r["tiles"] for r in report_layers)])
-            print(f"analog layers ({len(layers)}, crossbar tiles of {args.tile}x{args.tile}):")
+            sizes = ", ".join(dict.fromkeys(f"{own[layer.node].tile_rows}x{own[layer.node].tile_cols}" if layer.node in own
+                                            else f"{args.tile}x{args.tile}" for layer in layers))
+            print(f"analog layers ({len(layers)}, crossbar tiles of {sizes}):")
             print(format_table(["layer", "op", "weight", "shape", "params", "MACs/sample", "rows x cols", "tiles"], rows, "llllrrrr"))
+        if hardware and hardware.adc_layers:
+            print("ADCs: every tile's column outputs converted, per inference (one input)")
+            print(format_table(list(HardwareReport.ADC_HEADERS), hardware.adc_rows(), "lrrr"))
+            print(hardware.adc_summary())
         if args.json:
             write_json({"model": str(args.model), "opset": default_opset(original), "input": {"name": name, "shape": shape},
-                        "tile": args.tile, "layers": report_layers}, out["--json"])
+                        "tile": args.tile, "layers": report_layers,
+                        **({"adc": hardware.to_dict()["adc"]} if hardware and hardware.adc_layers else {})}, out["--json"])
     return 0
 
 
@@ -392,11 +409,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             for device in (config.noise_injection, config.validation_device):
                 if device is not None:
                     device.check_patterns(analog_layers(model))
-                    device.refuse_crossbar("rrcompile finetune")
             input_name, input_shape = model_io(model)
         data = load_data(args.data, "train").subset(args.limit)
         check_labels(data, model)
         x = fit_to_input(preprocess.apply(data.x), input_name, input_shape, data_name=data.name)
+        # ADC ranges fixed once, on the model as given: training learns under those converters
+        config = dataclasses.replace(config, **{name: with_adc_ranges(model, getattr(config, name), x[:ADC_IMAGES])
+                                                for name in ("noise_injection", "validation_device")
+                                                if getattr(config, name) is not None})
 
         started = time.perf_counter()
         result = finetune(model, x, data.y, config, progress=args.progress)
@@ -473,7 +493,6 @@ class _Compiled:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
-    device.refuse_crossbar("rrcompile compile")
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
     options = compile_options(args, device)
     check_scale(args)
@@ -492,6 +511,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         check_labels(test, original)
         x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
         x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
+        # ADC ranges fixed once, on the original network (as pipeline.compile would): the original
+        # and the compiled model are measured, trained and deployed with the same converters
+        device = with_adc_ranges(original, device, x_train[:ADC_IMAGES])
+        options = dataclasses.replace(options, device=device)
         log = (lambda _: None) if args.quiet else print
         # Ray, if asked for, starts once the inputs are known to be good
         executor = scope.enter_context(chip_executor(args.workers, args.ray_address))
@@ -565,6 +588,9 @@ def _print_compiled(run: _Compiled) -> None:
         print(f"compensation: {', '.join(result.kept) or 'none'} kept")
     print(f"{hardware.digital_weights:,} digital weights over {hardware.analog_weights:,} analog "
           f"({hardware.overhead_percent:.2f}%), {sum(c.macs or 0 for c in candidates(result.model)):,} extra MACs per sample")
+    if hardware.adc_layers:
+        print(f"ADCs: {hardware.adc_conversions:,} conversions, {hardware.adc_energy_pj / 1e3:,.3f} nJ per inference; "
+              f"{hardware.adc_summary()}")
     if result.selection:
         scored = "calibrated validation chips, before fine-tuning" if calibrating else "validation chips"
         print(f"\nselection on the {scored} (reward = accuracy - overhead_weight x overhead)")
@@ -609,13 +635,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 model = pipeline.canonicalize(model)
             if not analog_layers(model):
                 raise UnsupportedModelError(NO_ANALOG_LAYER)
-            # a model deployed before keeps what its compile recorded: the device, the calibration facts
-            recorded = (HardwareReport.from_model(model) or {}).get("calibration") or {}
-            deployed, hardware = deploy(model, args.tile, device=compiled_device(model),
-                                        calibration_images=recorded.get("images"),
-                                        calibration_seconds=recorded.get("seconds_per_chip"))
+            deployed, hardware = redeploy(model, args.tile, compiled_device(model))
+        sizes = ", ".join(dict.fromkeys(f"{layer.tile_rows}x{layer.tile_cols}" for layer in hardware.layers))
         print(f"{args.model}: {len(hardware.layers)} analog layers on {hardware.total_tiles} crossbar tiles of "
-              f"{args.tile}x{args.tile}; {hardware.digital_weights:,} digital weights ({hardware.overhead_percent:.2f}% overhead)")
+              f"{sizes}; {hardware.digital_weights:,} digital weights ({hardware.overhead_percent:.2f}% overhead)")
         print(format_table(list(HardwareReport.HEADERS), hardware.rows(), "llrrrr"))
         if hardware.calibration_slots:
             images = f"{hardware.calibration_images} calibration images" if hardware.calibration_images else "calibration images unknown"
@@ -623,11 +646,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             print(f"\ncalibrated per chip: {hardware.per_chip_weights:,} digital weights, {images}, {seconds} a chip "
                   f"(measured at compile)")
             print(format_table(["slot", "rank", "per-chip weights"], hardware.calibration_rows(), "lrr"))
+        if hardware.adc_layers:
+            print("\nADCs: every tile's column outputs converted, per inference (one input)")
+            print(format_table(list(HardwareReport.ADC_HEADERS), hardware.adc_rows(), "lrrr"))
+            print(hardware.adc_summary())
         save_model(deployed, out["-o"])
         if args.json:
             write_json(hardware.to_dict(), out["--json"])
     print(f"deployed: {args.output}")
     return 0
+
+
+def redeploy(model: onnx.ModelProto, tile: int, device: DeviceConfig | None) -> tuple[onnx.ModelProto, HardwareReport]:
+    """:func:`deploy` for ``model`` on ``device``, keeping what a model deployed before recorded at its
+    compile (the calibration facts)."""
+    recorded = (HardwareReport.from_model(model) or {}).get("calibration") or {}
+    return deploy(model, tile, device=device, calibration_images=recorded.get("images"),
+                  calibration_seconds=recorded.get("seconds_per_chip"))
 
 
 class _Parser(argparse.ArgumentParser):

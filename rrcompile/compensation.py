@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from rrcompile.crossbar import tiled_outputs
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, tensor_shapes
 
 _INPUTS = ["Y", "X", "Wd", "Wu", "G"]
@@ -284,6 +285,7 @@ def candidates(model: onnx.ModelProto) -> list[Candidate]:
     """Every compensation node in graph order, with its layer and costs."""
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     producer = {out: node.name for node in model.graph.node for out in node.output}
+    producer.update(tiled_outputs(model))  # a tiled layer's output is its tiles' sum, the layer is the analog node
     shapes = tensor_shapes(model)
     found = []
     for node in model.graph.node:

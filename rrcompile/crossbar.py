@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rrcompile.devices import ADC_NOISE_OP, Adc, DeviceConfig, Tile, crossbar_models
-from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, tensor_shapes
+from rrcompile.devices import ADC_NOISE_OP, ADC_RANGE_SUFFIX, Adc, DeviceConfig, Tile, crossbar_models
+from rrcompile.errors import DeviceSpecError
+from rrcompile.graph import (
+    RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, analog_layers, remove_unused_functions, tensor_shapes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +57,11 @@ ADC_IMAGES = 256  # training images that fix the ADC ranges, by default
 def is_crossbar(node: onnx.NodeProto) -> bool:
     """Whether ``node`` is one of the crossbar functions (tiling, ADC)."""
     return node.domain == RRCOMPILE_DOMAIN and node.op_type in CROSSBAR_OPS
+
+
+def is_adc(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is an ADC (with or without noise)."""
+    return node.domain == RRCOMPILE_DOMAIN and node.op_type in (ADC, ADC_NOISE_OP)
 
 
 # --- the ONNX functions -------------------------------------------------------------------------
@@ -289,9 +297,9 @@ def tile_layer(node: onnx.NodeProto, layer: AnalogLayer, weight: str, tile: Tile
             raise ValueError(f"layer '{name}': ADC range of shape {None if adc_range is None else adc_range.shape}, "
                              f"expected {(cols, tiles)}")
         inits.append(numpy_helper.from_array(adc_range.astype(np.float32).reshape(cols, tiles, *[1] * spatial),
-                                             f"{name}.adc_range"))
+                                             f"{name}{ADC_RANGE_SUFFIX}"))
         attrs = {"bits": adc.values["bits"], "range": float(adc.values["range"])}
-        adc_inputs = [converted, f"{name}.adc_range"]
+        adc_inputs = [converted, f"{name}{ADC_RANGE_SUFFIX}"]
         op = ADC
         if adc.random:
             op, attrs["noise"] = ADC_NOISE_OP, float(adc.values["noise"])
@@ -323,6 +331,33 @@ def tile_layer(node: onnx.NodeProto, layer: AnalogLayer, weight: str, tile: Tile
     return TiledLayer(before, after, inits, inputs, functions)
 
 
+def layer_torch(node: onnx.NodeProto, layer: AnalogLayer, attrs: dict, run: Callable, x: "torch.Tensor",
+                weight: "torch.Tensor", bias: "torch.Tensor | None", tile: Tile | None, adc: Adc | None,
+                adc_range: np.ndarray | None, draw: Callable[[tuple[int, ...]], "torch.Tensor"] | None = None,
+                ) -> "torch.Tensor":
+    """The output of analog ``node`` (untiled, as in the model) on its crossbar, in torch: what
+    :func:`tile_layer`'s rewrite computes, for a chip that runs one layer at a time (calibration's
+    :class:`~rrcompile.calibrate.SimulatedChip`). ``run(x, w)`` is the layer's op without its bias;
+    ``draw(shape)`` gives the ADC noise (standard normal, one image's converted partial sums)."""
+    import torch
+
+    ops = torch_ops()
+    tiling = Tiling.of(layer, tile)
+    mask, axes, shape = _mask(layer, node, tiling)
+    tiled = ops[f"{RRCOMPILE_DOMAIN}:{TILE_WEIGHT}"]([weight, torch.from_numpy(mask), shape], {"axes": axes})[0]
+    split = TILE_SPLIT_CONV if tiling.conv else TILE_SPLIT_DENSE
+    g = ops[f"{RRCOMPILE_DOMAIN}:{split}"]([run(x, tiled)], {"tiles": tiling.tiles})[0]
+    spatial = g.dim() - 3 if tiling.conv else 0
+    if adc is not None:
+        full_scale = torch.from_numpy(np.array(adc_range, np.float32).reshape(*adc_range.shape, *[1] * spatial))
+        z = draw(tuple(g.shape[1:])) if adc.random else None
+        g = _adc_torch(g, full_scale, adc.values["bits"], adc.values["noise"], z)
+    y = g.sum(dim=2 if tiling.conv else -1)
+    if bias is None:
+        return y
+    return y + (bias.reshape(-1, *[1] * spatial) if tiling.conv else attrs.get("beta", 1.0) * bias)
+
+
 def _noise_shape(output_shape: list | None, cols: int, tiles: int, conv: bool, spatial: int) -> list[int]:
     """The ADC noise input: one draw per column, tile and output position, shared over the batch."""
     known = [d if isinstance(d, int) and d > 0 else 1 for d in (output_shape or [])]
@@ -331,6 +366,14 @@ def _noise_shape(output_shape: list | None, cols: int, tiles: int, conv: bool, s
         return [cols, tiles, *rest]
     middle = known[1:-1] if output_shape else []
     return [*middle, cols, tiles]
+
+
+def tiled_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Each tiled layer's output tensor (after the sum over tiles and the bias) -> the analog node's name:
+    a tiled analog node writes only its partial sums."""
+    names = {n.name: n for n in model.graph.node}
+    return {(names.get(f"{name}.bias") or names[f"{name}.tile_sum"]).output[0]: name
+            for name in names if f"{name}.tile_weight" in names}
 
 
 def untile(model: onnx.ModelProto) -> bool:
@@ -367,13 +410,36 @@ def untile(model: onnx.ModelProto) -> bool:
     kept_info = [vi for vi in model.graph.value_info if vi.name in produced]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept_info)
+    remove_unused_functions(model)  # tiling the layers again adds the crossbar functions again
     return True
 
 
 # --- the ADC ranges ---------------------------------------------------------------------------------
 
 def needs_adc_ranges(device: DeviceConfig) -> bool:
-    return any(crossbar_models(stack)[1] is not None for stack in device.stacks())
+    """Whether ``device`` has an ADC term and no ADC ranges fixed yet."""
+    return not device.adc_ranges and any(crossbar_models(stack)[1] is not None for stack in device.stacks())
+
+
+def adc_range_shapes(model: onnx.ModelProto, device: DeviceConfig) -> dict[str, tuple[int, int]]:
+    """The ``[M, T]`` shape of every ADC range ``device`` needs on ``model`` (by node name)."""
+    shapes = {}
+    for layer in analog_layers(model):
+        tile, adc = crossbar_models(device.for_layer(layer.node, layer.weight))
+        if adc is not None:
+            shapes[layer.node] = (layer.cols, Tiling.of(layer, tile).tiles)
+    return shapes
+
+
+def with_adc_ranges(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray | None) -> DeviceConfig:
+    """``device`` with its ADC ranges fixed for ``model`` on training images ``x`` (:func:`adc_ranges`),
+    or as it is when it needs none or carries them already (a compiled model's: they stay what
+    the compile fixed)."""
+    if not needs_adc_ranges(device):
+        return device
+    if x is None:
+        raise DeviceSpecError("device 'adc': its ranges are fixed from training images, and none were given")
+    return dataclasses.replace(device, adc_ranges=adc_ranges(model, device, x))
 
 
 def adc_ranges(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, *, batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -428,9 +494,3 @@ def layer_output_shapes(model: onnx.ModelProto) -> dict[str, list]:
     shapes = tensor_shapes(model)
     outputs = {n.name: n.output[0] for n in model.graph.node}
     return {layer.node: shapes.get(outputs[layer.node]) for layer in analog_layers(model)}
-
-
-def stored_adc_ranges(model: onnx.ModelProto) -> Mapping[str, np.ndarray]:
-    """The ADC ranges a varied graph carries (``<layer>.adc_range``, as ``[M, T]``)."""
-    return {t.name[: -len(".adc_range")]: (lambda a: a.reshape(a.shape[0], a.shape[1]))(numpy_helper.to_array(t))
-            for t in model.graph.initializer if t.name.endswith(".adc_range")}

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from rrcompile.errors import DeviceSpecError
 from rrcompile.graph import RRCOMPILE_DOMAIN, TARGET_OPSET, AnalogLayer, is_analog_op, producers, variation_chain
@@ -614,11 +614,17 @@ class DeviceConfig:
 
     Overrides are matched in order against the layer's node name, then its weight name, with
     shell-style wildcards (``Gemm_*``); an empty stack keeps a layer exact (e.g. digital).
+
+    ``adc_ranges`` holds the ADC full scales once fixed for a model (by node name, ``[M, T]``;
+    :func:`rrcompile.crossbar.with_adc_ranges`): a converter's range is part of the hardware a
+    compiled model runs on, so the config carries it to every evaluator, trainer and chip that
+    simulates the device, and a sigma sweep keeps it.
     """
 
     default: list[DeviceTerm]
     layers: dict[str, list[DeviceTerm]] = dataclasses.field(default_factory=dict)
     source: str | None = dataclasses.field(default=None, compare=False)  # the device file, for messages
+    adc_ranges: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def for_layer(self, node: str, weight: str) -> list[DeviceTerm]:
         for pattern, models in self.layers.items():
@@ -654,11 +660,14 @@ class DeviceConfig:
         """Whether some layer has a tile or ADC term."""
         return any(isinstance(m, CrossbarModel) for stack in self.stacks() for m in stack)
 
-    def refuse_crossbar(self, what: str) -> None:
-        """A one-line refusal for the parts of rrcompile that do not model tiles and ADCs yet."""
-        if self.crossbar:
-            raise DeviceSpecError(f"{what} does not support the crossbar terms 'tile' and 'adc' yet "
-                                  f"(rrcompile evaluate does); drop them from --device")
+    def hardware(self) -> "DeviceConfig":
+        """The crossbar terms alone, without ADC noise: what a deployed graph computes (the ideal
+        chip's tiles and converters, no weight effect, nothing drawn); the ADC ranges kept."""
+        def keep(stack: list[DeviceTerm]) -> list[DeviceTerm]:
+            return [m.with_values(noise=0.0) if isinstance(m, Adc) else m for m in stack if isinstance(m, CrossbarModel)]
+
+        return DeviceConfig(keep(self.default), {k: keep(v) for k, v in self.layers.items()}, self.source,
+                            self.adc_ranges)
 
     def with_sigma(self, sigma: float) -> "DeviceConfig":
         """The same config with every log-normal sigma set to ``sigma`` (for sigma sweeps)."""
@@ -668,7 +677,8 @@ class DeviceConfig:
         def swap(stack: list[DeviceTerm]) -> list[DeviceTerm]:
             return [m.with_values(sigma=sigma) if isinstance(m, LogNormalVariation) else m for m in stack]
 
-        return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()}, self.source)
+        return DeviceConfig(swap(self.default), {k: swap(v) for k, v in self.layers.items()}, self.source,
+                            self.adc_ranges)
 
     def to_dict(self) -> dict:
         """The config as a device file's content (``default`` and ``layers`` spec strings)."""
@@ -751,8 +761,9 @@ def noise_inputs(model: onnx.ModelProto) -> list[NoiseInput]:
 
 def simulated_device(model: onnx.ModelProto) -> DeviceConfig | None:
     """The device a simulation graph carries: each analog layer's chain of variation ops, and its
-    tile and ADC (the attributes of its ``<layer>.tile_weight`` and ``<layer>.adc`` nodes), read
-    back into device terms (per layer, by node name); None for a graph without variation ops."""
+    tile and ADC (the attributes of its ``<layer>.tile_weight`` and ``<layer>.adc`` nodes, and the
+    ADC ranges it stores), read back into device terms (per layer, by node name); None for a graph
+    without variation or crossbar ops."""
     producer = producers(model)
     by_name = {node.name: node for node in model.graph.node if node.domain == RRCOMPILE_DOMAIN}
     layers: dict[str, list[DeviceTerm]] = {}
@@ -769,7 +780,20 @@ def simulated_device(model: onnx.ModelProto) -> DeviceConfig | None:
             stack.append(Adc(**{k: v for k, v in _attributes(adc).items() if k in Adc.params}))
         if stack:
             layers[node.name] = sorted(stack, key=lambda m: m.order)
-    return DeviceConfig([], layers) if layers else None
+    return DeviceConfig([], layers, adc_ranges=stored_adc_ranges(model)) if layers else None
+
+
+ADC_RANGE_SUFFIX = ".adc_range"  # <layer>.adc_range: the ADC full scales a tiled graph stores
+
+
+def stored_adc_ranges(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The ADC ranges a tiled graph carries (``<layer>.adc_range``, by node name, as ``[M, T]``)."""
+    ranges = {}
+    for tensor in model.graph.initializer:
+        if tensor.name.endswith(ADC_RANGE_SUFFIX):
+            value = numpy_helper.to_array(tensor)
+            ranges[tensor.name[: -len(ADC_RANGE_SUFFIX)]] = value.reshape(value.shape[0], value.shape[1])
+    return ranges
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, float]:

@@ -36,7 +36,7 @@ from rrcompile.graph import analog_layers
 from rrcompile.evaluate import MonteCarloEvaluator, accuracy
 from rrcompile.lipschitz import LipschitzPenalty, SpectralReport
 from rrcompile.passes.insert_variation import InsertVariationPass
-from rrcompile.torch_graph import TorchGraph, default_device, write_back
+from rrcompile.torch_graph import TorchGraph, default_device, trainable_initializers, write_back
 from rrcompile.training import BATCH_SIZE, run_epoch, task_loss
 
 PROBABILITY_HEADS = ("Softmax", "LogSoftmax")
@@ -111,15 +111,16 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, config: Finet
     torch.manual_seed(config.seed)
     device = default_device(config.device_type)
     x_train, y_train, x_val, y_val = split_validation(x, y, config.val_fraction, config.seed)
-    training = logits_model(model)
-    if config.noise_injection is not None:
-        training = InsertVariationPass(config.noise_injection)(training).model
+    base = logits_model(model)
+    training = InsertVariationPass(config.noise_injection)(base).model if config.noise_injection is not None else base
     calibrating = slots(training) if config.calibration is not None else []
     if config.calibration is not None and (not calibrating or config.noise_injection is None):
         raise ValueError("training for calibration needs calibration slots in the model and a noise-injection device")
-    # calibrated training learns the analog layers only: the slots' parameters are solved, not learned
-    trainable = [name for layer in analog_layers(training) for name in (layer.weight, layer.bias) if name] \
-        if calibrating else None
+    # named on the model before variation: a tiled layer's bias is read after its tiles' sum, no
+    # longer as the layer's own input; calibrated training learns the analog layers only (the
+    # slots' parameters are solved, not learned)
+    trainable = [name for layer in analog_layers(base) for name in (layer.weight, layer.bias) if name] \
+        if calibrating else trainable_initializers(base)
     module = TorchGraph(training, trainable).to(device)
     module.seed(config.seed)
     optimizer = torch.optim.Adam([p for _, p in module.named_onnx_parameters()], lr=config.lr)

@@ -31,6 +31,7 @@ from rrcompile.calibrate import (
     CALIBRATION_IMAGES, CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, slots, with_ranks,
 )
 from rrcompile.compensation_training import CompensationConfig, train_compensation
+from rrcompile.crossbar import ADC_IMAGES, needs_adc_ranges, with_adc_ranges
 from rrcompile.deploy import deploy
 from rrcompile.devices import DeviceConfig
 from rrcompile.errors import OptionError, UnsupportedModelError
@@ -252,6 +253,11 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
         return result
 
     model = stage("canonicalize", lambda: canonicalize(model))
+    if needs_adc_ranges(options.device):
+        # fixed once, on the network as given: every later stage (fine-tune, selection,
+        # calibration) simulates these converters, and the deployed graph stores them
+        options = dataclasses.replace(options, device=with_adc_ranges(model, options.device, x[:ADC_IMAGES]))
+        config = finetune_config(options)
     calibrating = options.compensation and options.calibration
     fine_tune = options.lipschitz or options.noise_injection
     if fine_tune and config.calibration is None:

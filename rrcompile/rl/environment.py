@@ -182,7 +182,7 @@ def _profiles(model, device, found, x, y, chips, seed, all_off, batch_size) -> l
     profiles = []
     for candidate in found:
         layer = layers[candidate.layer]
-        alone = DeviceConfig([], {layer.node: device.for_layer(layer.node, layer.weight)})
+        alone = DeviceConfig([], {layer.node: device.for_layer(layer.node, layer.weight)}, adc_ranges=device.adc_ranges)
         varied = _mean_chip_accuracy(MonteCarloEvaluator(model, alone, batch_size=batch_size), x, y, chips, seed, all_off)
         attrs = view.nodes[candidate.layer]
         profiles.append(LayerProfile(candidate.layer, attrs["depth"], attrs["op"], attrs["params"], attrs["macs"] or 0,

@@ -230,3 +230,41 @@ def test_without_gain_and_offset_a_rank_0_slot_stays_the_raw_layer(digits):
     assert values["fc2.compensation_up"].size == 0  # fc2 has rank 0
     assert np.all(values["fc2.compensation_gain"] == 1) and np.all(values["fc2.compensation_offset"] == 0)
     assert np.all(values["conv1.compensation_gain"] == 1) and np.any(values["conv1.compensation_up"] != 0)
+
+
+def test_a_chip_on_tiles_and_adcs_is_the_evaluators_and_calibrates(digits):
+    from rrcompile.calibrate import CalibratedEvaluator
+    from rrcompile.crossbar import with_adc_ranges
+
+    model, x_train, x_test, y_test = digits
+    device = with_adc_ranges(model, parse_device("tile:size=32+adc:bits=5+lognormal:sigma=0.5"), x_train[:256])
+    compiled = slotted(model, device, x_train[:500])
+    # the simulated chip runs each layer on its tiles and converters: what the evaluator's chip 2 computes
+    session, feed = MonteCarloEvaluator(compiled, device).chip(0, 2)
+    chip = SimulatedChip(compiled, device, 0, 2)
+    analog = {layer.node for layer in analog_layers(compiled)}
+
+    def on_chip(node, attrs, inputs):
+        return [torch.from_numpy(chip.run_layer(node.name, inputs[0].numpy()))] if node.name in analog else None
+
+    with torch.no_grad():
+        layered = TorchGraph(compiled)(torch.from_numpy(x_test[:50]), intercept=on_chip).numpy()
+    np.testing.assert_allclose(layered, session.run(None, {"image": x_test[:50], **feed()})[0], atol=1e-4, rtol=1e-4)
+    raw, calibrated = CalibratedEvaluator(compiled, device, x_train[:256]).evaluate(x_test, y_test, 3, 0, progress=False)
+    assert calibrated.mean > raw.mean + 0.05  # the 5-bit converters' error is part of what each chip corrects
+
+
+def test_adc_noise_is_read_per_chunk_of_calibration_images(digits):
+    from rrcompile.crossbar import with_adc_ranges
+
+    model, x_train, _, _ = digits
+    noisy = with_adc_ranges(model, parse_device("tile:size=32+adc:bits=8,noise=0.05"), x_train[:256])
+    quiet = with_adc_ranges(model, parse_device("tile:size=32+adc:bits=8"), x_train[:256])
+    x = np.repeat(x_train[:1], 2 * SimulatedChip.READ_CHUNK, axis=0)
+    reads = SimulatedChip(model, noisy, 0, 0).run_layer("conv1", x)
+    exact = SimulatedChip(model, quiet, 0, 0).run_layer("conv1", x)
+    first, second = reads[:SimulatedChip.READ_CHUNK], reads[SimulatedChip.READ_CHUNK:]
+    assert np.array_equal(first[0], first[-1]) and not np.array_equal(first[0], second[0])  # one draw per read
+    # conv1 has one tile: the noise is N(0, (0.05 A)^2) per conversion, A the column's range
+    spread = (reads[0] - exact[0]).std(axis=(1, 2)) / noisy.adc_ranges["conv1"][:, 0]
+    assert np.all((spread > 0.03) & (spread < 0.07))

@@ -279,12 +279,34 @@ def test_bad_crossbar_parameters_are_one_line_errors_with_exit_2(bad, capsys):
     assert err.count("\n") == 1 and err.startswith("rrcompile: error: device '")
 
 
-def test_compile_refuses_the_crossbar_terms_for_now(tmp_path, capsys):
+def test_compile_deploy_evaluate_calibrate_and_inspect_with_tiles_and_adcs(tmp_path, capsys):
+    """The command line end to end: the deployed graph keeps its converters, and evaluate reads
+    their ranges back instead of fixing them again (the compile's own numbers, chip for chip)."""
+    import json
+
     from rrcompile.cli import main
 
-    assert main(["compile", str(DIGITS_MODEL), "--device", "tile:size=64+adc:bits=8", "-o", str(tmp_path / "o.onnx")]) == 2
-    assert "does not support the crossbar terms" in capsys.readouterr().err
-    assert not (tmp_path / "o.onnx").exists()
+    out, spec = tmp_path / "d.onnx", "tile:size=64+adc:bits=5+lognormal:sigma=0.5"
+    assert main(["compile", str(DIGITS_MODEL), "--device", spec, "--no-lipschitz", "--no-noise-injection", "--no-rl",
+                 "--rl-chips", "2", "--rl-images", "200", "--samples", "3", "--sigma-sweep", "", "--quiet",
+                 "-o", str(out)]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["hardware"]["adc"]["conversions_per_inference"] == 2698
+    assert main(["evaluate", str(out), "--samples", "3", "--calibrate", "256", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    for key in ("mean", "std", "worst"):
+        assert evaluated[key] == report["after"][key] and evaluated["calibrated"][key] == report["calibrated"][key]
+    assert main(["calibrate", str(out), "--chip", "0:1", "-o", str(tmp_path / "chip.onnx"), "--quiet"]) == 0
+    chip = onnx.load(str(tmp_path / "chip.onnx"))
+    assert sum(n.op_type == ADC for n in chip.graph.node) == 4 and len(chip.graph.input) == 1
+    capsys.readouterr()
+    assert main(["deploy", str(out), "-o", str(tmp_path / "again.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "crossbar tiles of 64x64" in printed and "total                              2,698" in printed
+    assert "one more bit on every ADC costs" in printed
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "crossbar tiles of 64x64" in printed and "conversions / inference" in printed
 
 
 @pytest.mark.shared

@@ -1,6 +1,7 @@
 """deploy: the chip's graph passes the full ONNX check, runs in plain onnxruntime, and reports its cost."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -60,3 +61,41 @@ def test_report_counts_analog_and_digital_weights(digits):
     stored = json.loads(next(p.value for p in deployed.metadata_props if p.key == METADATA_KEY))
     assert stored["overhead_percent"] == pytest.approx(100 * digital / analog)
     assert stored == json.loads(json.dumps(report.to_dict()))
+
+
+def test_deploy_keeps_tiles_and_noiseless_adcs_with_their_ranges(digits):
+    from rrcompile.crossbar import with_adc_ranges
+    from rrcompile.devices import noise_inputs, simulated_device, stored_adc_ranges
+
+    model, compensated, _, x = digits
+    train = np.random.default_rng(1).random((64, 1, 8, 8), dtype=np.float32)
+    device = with_adc_ranges(model, parse_device("tile:size=64+adc:bits=6,noise=0.02+lognormal:sigma=0.5"), train)
+    deployed, report = deploy(InsertVariationPass(device)(compensated).model, device=device)
+    onnx.checker.check_model(deployed, full_check=True)
+    assert [i.name for i in deployed.graph.input] == ["image"]
+    assert {k: v.tolist() for k, v in stored_adc_ranges(deployed).items()} == {k: v.tolist() for k, v in device.adc_ranges.items()}
+    assert [m.spec() for m in simulated_device(deployed).layers["fc1"]] == ["tile:size=64,cols=64", "adc:bits=6"]
+    # it computes the ideal chip: the simulation at sigma 0 without ADC noise, on the same converters
+    ideal = InsertVariationPass(dataclasses.replace(parse_device("tile:size=64+adc:bits=6+lognormal:sigma=0"),
+                                                    adc_ranges=device.adc_ranges))(compensated).model
+    expected = run(ideal, x, **{n.name: np.zeros(n.shape, np.float32) for n in noise_inputs(ideal)})
+    assert np.abs(run(deployed, x) - expected).max() <= 1e-5
+    tags = {n.name: n.doc_string for n in deployed.graph.node}
+    assert tags["fc1"] == "rrcompile: analog crossbar, 4x1 tiles of 64x64 (rows x cols 256x32)"
+    assert tags["fc1.adc"].startswith("rrcompile: ADC, 6 bits") and tags["fc1.tile_sum"] == "rrcompile: digital"
+    assert [layer.adc_conversions for layer in report.layers] == [8 * 64, 2 * 16 * 64, 4 * 32, 10]
+    # deployed again (rrcompile deploy of a deployed graph, or of its simulation graph): the same graph
+    again, _ = deploy(deployed, device=device)
+    from_simulation, _ = deploy(InsertVariationPass(device)(compensated).model)
+    for other in (again, from_simulation):
+        assert np.abs(run(other, x) - run(deployed, x)).max() == 0
+        assert sorted(f.name for f in other.functions) == sorted(f.name for f in deployed.functions)
+
+
+def test_a_16_bit_deployed_crossbar_keeps_the_clean_outputs(digits):
+    from rrcompile.crossbar import with_adc_ranges
+
+    model, _, _, x = digits
+    device = with_adc_ranges(model, parse_device("tile:size=16+adc:bits=16"), x)
+    clean = run(model, x)
+    assert np.abs(run(deploy(model, device=device)[0], x) - clean).max() <= 1e-4 * np.abs(clean).max()

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_MODEL, run
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.data import load_data
 from rrcompile.devices import parse_device
@@ -71,3 +71,18 @@ def test_softmax_head_is_left_out_for_training_only():
     assert [n.op_type for n in model.graph.node] == ["Gemm", "Softmax"]
     x = np.random.default_rng(0).random((4, 3), dtype=np.float32)
     np.testing.assert_allclose(run(logits, x), x @ np.ones((3, 2), np.float32), rtol=1e-6)
+
+
+def test_noise_injection_on_tiles_and_adcs_trains_every_weight_and_bias(digits):
+    from rrcompile.crossbar import with_adc_ranges
+
+    model, x, y, _, _ = digits
+    device = with_adc_ranges(model, parse_device("tile:size=32+adc:bits=6,noise=0.01+lognormal:sigma=0.3"), x[:256])
+    result = finetune(model, x[:400], y[:400], FinetuneConfig(epochs=1, noise_injection=device, validation_device=device,
+                                                             validation_chips=2, seed=1, clean_tolerance=1.0), progress=False)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    # a tiled layer's bias is added after its tiles' sum: trained all the same (the ADC's straight-through gradient)
+    learned = [name for layer in analog_layers(model) for name in (layer.weight, layer.bias)]
+    assert result.best_epoch == 1 and all(not np.array_equal(before[n], after[n]) for n in learned)
+    assert [n.name for n in result.model.graph.node] == [n.name for n in model.graph.node]

@@ -1,6 +1,7 @@
 """The whole compiler on the embedded default, with small settings: every stage runs, and ablate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -177,3 +178,24 @@ def test_compile_runs_the_strategy_it_is_given(digits):
     first = result.selection["first"]
     assert first.values[0] > 0 and not any(first.values[1:])
     assert result.ranks == dict(zip(first.layers, first.values))
+
+
+def test_compile_on_tiles_and_adcs_deploys_the_converters_it_trained_with(digits):
+    from rrcompile.crossbar import with_adc_ranges
+    from rrcompile.devices import noise_inputs, stored_adc_ranges
+    from rrcompile.passes.insert_variation import InsertVariationPass
+    from rrcompile.pipeline import canonicalize
+
+    model, x, y = digits
+    device = parse_device("tile:size=64+adc:bits=6,noise=0.01+lognormal:sigma=0.5")
+    result = compile(model, x, y, dataclasses.replace(small(), device=device), progress=False, log=lambda _: None)
+    # the ranges are fixed once, on the network as given (its first training images), and deployed
+    fixed = with_adc_ranges(canonicalize(model), device, x[:256]).adc_ranges
+    assert {k: v.tolist() for k, v in stored_adc_ranges(result.deployed).items()} == {k: v.tolist() for k, v in fixed.items()}
+    assert [c.layer for c in candidates(result.deployed)] == ["conv1", "conv2", "fc1", "fc2"]
+    assert compiled_device(result.deployed) == device and result.hardware.adc_conversions == 2698
+    onnx.checker.check_model(result.deployed, full_check=True)
+    # uncalibrated, the deployed graph computes the compiled network on its ideal chip
+    ideal = InsertVariationPass(parse_device("tile:size=64+adc:bits=6+lognormal:sigma=0"), fixed)(result.model).model
+    expected = run(ideal, x[:20], **{n.name: np.zeros(n.shape, np.float32) for n in noise_inputs(ideal)})
+    assert np.abs(run(result.deployed, x[:20]) - expected).max() <= 1e-5
