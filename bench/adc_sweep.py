@@ -1,0 +1,161 @@
+"""What each ADC bit buys and costs: accuracy and ADC energy against the converters' resolution.
+
+For every model and every resolution ``B`` (default 4..10), the device is
+``tile:size=128+adc:bits=B+lognormal:sigma=0.5``: every layer on 128-row arrays, each array's column
+outputs through a ``B``-bit ADC (its range fixed per tile on the first 256 training images), the
+weights varied log-normally. On the test set, over the same ``--samples`` chips (seed 0) for every
+``B``:
+
+- original: the model as shipped, on these chips;
+- compiled: ``rrcompile compile`` for this device (fine-tune with the ADCs' straight-through
+  gradient, RL-chosen calibration slots), its chips raw;
+- compiled + calibrated: the same chips, each calibrated on 256 unlabeled training images;
+
+and the ADC energy per inference from the deployed graph's hardware report (``E = FOM * 2^B`` per
+conversion, ``rrcompile.hardware`` names the constant and its source). The reference is the
+compiled model's sigma-0 accuracy (its clean accuracy, float readout); the table names the smallest
+``B`` whose compiled + calibrated mean keeps >= 98% of it (and the same for the raw compiled chips).
+
+Prints a Markdown table per model and writes ``adc_sweep.json`` and ``adc_sweep.<model>.png``
+(accuracy and energy against bits) under ``--out``.
+
+    python bench/adc_sweep.py                         # LeNet-5 and the VGG-style net, B = 4..10, 100 chips
+    python bench/adc_sweep.py --quick                 # digits, B = 4 and 8, 3 chips, one epoch: a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from paper_table import BENCHMARKS, Benchmark  # bench/ is on sys.path when this script runs
+from rrcompile.calibrate import CalibratedEvaluator
+from rrcompile.compensation_training import CompensationConfig
+from rrcompile.crossbar import ADC_IMAGES, with_adc_ranges
+from rrcompile.data import Preprocess, fit_to_input, load_data
+from rrcompile.devices import parse_device
+from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io
+from rrcompile.finetune import FinetuneConfig
+from rrcompile.io import atomic_write, load_model
+from rrcompile.pipeline import CompileOptions, canonicalize, compile
+from rrcompile.report import format_table, percent, write_json
+
+KEEP = 0.98  # of the sigma-0 accuracy: the bits a design needs
+QUICK = dict(models=["digits"], bits=[4, 8], samples=3, epochs=1, episodes=4, rl_chips=2, rl_images=200, test_limit=300)
+
+
+def spec(bits: int, args: argparse.Namespace) -> str:
+    return f"tile:size={args.tile}+adc:bits={bits}+lognormal:sigma={args.sigma:g}"
+
+
+def run_model(name: str, bench: Benchmark, args: argparse.Namespace) -> dict:
+    preprocess = Preprocess.parse("255", bench.mean, bench.std)
+    original = canonicalize(load_model(bench.model))
+    input_name, input_shape = model_io(original)
+    train, test = load_data(bench.data, "train"), load_data(bench.data, "test").subset(args.test_limit)
+    x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
+    x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
+    epochs = args.epochs or bench.epochs
+    rows = []
+    for bits in args.bits:
+        device = with_adc_ranges(original, parse_device(spec(bits, args)), x_train[:ADC_IMAGES])
+        started = time.perf_counter()
+        before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=False)
+        options = CompileOptions(device, finetune=FinetuneConfig(epochs=epochs, patience=bench.patience),
+                                 train=CompensationConfig(epochs=epochs), episodes=args.episodes, rl_chips=args.rl_chips,
+                                 rl_images=args.rl_images, tile=args.tile, seed=args.seed)
+        result = compile(original, x_train, train.y, options, progress=False, log=lambda _: None)
+        compile_seconds = time.perf_counter() - started
+        raw, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration).evaluate(
+            x_test, test.y, args.samples, args.seed, progress=False)
+        rows.append({"bits": bits, "device": spec(bits, args), "original": before.summary(), "compiled": raw.summary(),
+                     "calibrated": calibrated.summary(), "sigma0": calibrated.clean_accuracy,
+                     "adc_conversions": result.hardware.adc_conversions, "adc_energy_pj": result.hardware.adc_energy_pj,
+                     "ranks": result.ranks, "overhead_percent": result.hardware.overhead_percent,
+                     "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds})
+        print(f"{name}, {bits} bits: original {percent(before.mean)}, compiled {percent(raw.mean)}, "
+              f"calibrated {percent(calibrated.mean)}, {result.hardware.adc_energy_pj / 1e3:.3f} nJ, "
+              f"{rows[-1]['seconds']:.0f} s", flush=True)
+    return {"model": name, "data": test.name, "test_images": len(test.y), "epochs": epochs, "rows": rows,
+            "smallest_bits": {column: next((r["bits"] for r in rows if r[column]["mean"] >= KEEP * r["sigma0"]), None)
+                              for column in ("compiled", "calibrated")}}
+
+
+def table(result: dict) -> str:
+    return format_table(
+        ["ADC bits", "original mean", "compiled mean", "compiled + calibrated mean / worst", "sigma-0", "ADC nJ / inference"],
+        [[str(r["bits"]), percent(r["original"]["mean"]), percent(r["compiled"]["mean"]),
+          f"{percent(r['calibrated']['mean'])} / {percent(r['calibrated']['worst'])}", percent(r["sigma0"]),
+          f"{r['adc_energy_pj'] / 1e3:,.3f}"] for r in result["rows"]], "rrrrrr")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Mean accuracy per column against bits, ADC energy on a log axis beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = [r["bits"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for column, label in (("original", "original"), ("compiled", "compiled"), ("calibrated", "compiled + calibrated")):
+        ax.plot(bits, [100 * r[column]["mean"] for r in result["rows"]], "o-", label=label)
+    ax.plot(bits, [100 * KEEP * r["sigma0"] for r in result["rows"]], "k--", linewidth=1, label=f"{KEEP:.0%} of sigma-0")
+    ax.set_xticks(bits)
+    ax.set_xlabel("ADC bits")
+    ax.set_ylabel("mean accuracy over chips (%)")
+    ax.grid(alpha=0.3)
+    energy = ax.twinx()
+    energy.semilogy(bits, [r["adc_energy_pj"] / 1e3 for r in result["rows"]], "s:", color="grey")
+    energy.set_ylabel("ADC energy per inference (nJ, grey)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{result['model']}: {result['rows'][0]['device'].replace('adc:bits=' + str(bits[0]), 'adc:bits=B')}")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lenet5-mnist", "vgg-fashion"], choices=sorted(BENCHMARKS))
+    parser.add_argument("--bits", type=int, nargs="+", default=list(range(4, 11)))
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: the benchmark's)")
+    parser.add_argument("--episodes", type=int, default=CompileOptions.episodes)
+    parser.add_argument("--rl-chips", type=int, default=CompileOptions.rl_chips)
+    parser.add_argument("--rl-images", type=int, default=CompileOptions.rl_images)
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
+    results = []
+    started = time.perf_counter()
+    for name in args.models:
+        result = run_model(name, BENCHMARKS[name], args)
+        results.append(result)
+        print(f"\n{name} on {result['data']} ({result['test_images']} test images, {args.samples} chips, seed {args.seed})")
+        print(table(result))
+        smallest, tried = result["smallest_bits"], f"none of B = {', '.join(map(str, args.bits))}"
+        print(f"smallest B keeping >= {KEEP:.0%} of the sigma-0 accuracy: compiled + calibrated "
+              f"{smallest['calibrated'] or tried}, compiled {smallest['compiled'] or tried}\n")
+        plot(result, args.out / f"adc_sweep{'.quick' if args.quick else ''}.{name}.png")
+    write_json({"machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or '?'})",
+                "seconds": time.perf_counter() - started, "options": {k: str(v) if isinstance(v, Path) else v
+                                                                      for k, v in vars(args).items()},
+                "keep": KEEP, "results": results},
+               args.out / f"adc_sweep{'.quick' if args.quick else ''}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
