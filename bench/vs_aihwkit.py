@@ -10,7 +10,9 @@
    with each of its inference tiles (``InferenceRPUConfig``, the C++ simulator, and
    ``TorchInferenceRPUConfig``); the ratio printed last is against the faster of the two.
    aihwkit's own PCM noise model (``PCMLikeNoiseModel``, 1 hour after programming, its default
-   periphery) is evaluated too, for reference.
+   periphery) is evaluated too, for reference, and so is the crossbar as built (issue 12): the same
+   128-row tiles and ``--adc-bits`` ADCs in both (:func:`crossbar_periphery` says how aihwkit is
+   configured and where the two differ: each sets its ADC ranges its own way).
 2. Hardware-aware training at the same epochs, from the same pretrained weights, each result
    evaluated by rrcompile on the same ``--samples`` chips of the device: aihwkit's HWA training
    (``TorchInferenceRPUConfig`` with multiplicative Gaussian weight noise of the device's standard
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rrcompile.crossbar import ADC_IMAGES, with_adc_ranges
 from rrcompile.data import Preprocess, batches, fit_to_input, load_data
 from rrcompile.devices import parse_device
 from rrcompile.evaluate import MonteCarloEvaluator, model_io
@@ -50,6 +53,7 @@ SHARED = REPO.parent / "shared" / "data"
 MODEL = SHARED / "models" / "lenet5_mnist.onnx"
 MNIST = SHARED / "mnist"
 PREPROCESS = Preprocess.parse("255", "0.1307", "0.3081")
+TILE = 128  # crossbar rows and columns in the tiles-and-ADCs row
 
 try:
     from aihwkit.inference import PCMLikeNoiseModel
@@ -57,7 +61,7 @@ try:
     from aihwkit.nn.conversion import convert_to_analog
     from aihwkit.optim import AnalogOptimizer
     from aihwkit.simulator.configs import InferenceRPUConfig, TorchInferenceRPUConfig
-    from aihwkit.simulator.parameters import IOParameters, WeightModifierType
+    from aihwkit.simulator.parameters import BoundManagementType, IOParameters, WeightModifierType
 except ImportError as error:
     AIHWKIT_MISSING = f"aihwkit is not installed ({error}); see bench/README.md for how to build it"
 else:
@@ -88,6 +92,25 @@ class Timed:
 def ideal_periphery(rpu_config):
     """``rpu_config`` with an ideal forward pass and no weight clipping: only the noise model acts."""
     rpu_config.forward = IOParameters(is_perfect=True)
+    rpu_config.drift_compensation = None
+    rpu_config.clip.type = type(rpu_config.clip.type).NONE
+    return rpu_config
+
+
+def crossbar_periphery(rpu_config, bits: int, tile: int = TILE):
+    """``rpu_config`` on arrays of ``tile`` rows and columns with ``bits``-bit ADCs, the periphery
+    otherwise ideal: ``mapping.max_input_size`` splits each layer's inputs over tiles whose outputs
+    aihwkit sums digitally, as rrcompile's ``tile`` term does; ``out_res = 1 / (2^bits - 2)`` of the
+    output range ``[-out_bound, out_bound]`` gives the ``2^bits - 1`` levels of rrcompile's ``adc``
+    term; no DAC quantization (``inp_res=-1``), no output or weight noise, no bound management, no
+    weight clipping. The ranges differ by design: aihwkit's is its default ``out_bound`` in units of
+    the tile's normalized weights and inputs (noise management scales each input vector by its
+    largest entry), rrcompile's the largest clean partial sum of each tile and column on 256
+    training images."""
+    rpu_config.mapping.max_input_size = tile
+    rpu_config.mapping.max_output_size = tile
+    rpu_config.forward = IOParameters(inp_res=-1, out_res=1 / (2 ** bits - 2), out_noise=0.0, w_noise=0.0,
+                                      bound_management=BoundManagementType.NONE)
     rpu_config.drift_compensation = None
     rpu_config.clip.type = type(rpu_config.clip.type).NONE
     return rpu_config
@@ -160,6 +183,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="hardware-aware training epochs, every method")
     parser.add_argument("--samples", type=int, default=100, help="chips for the training comparison")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adc-bits", type=int, default=8, help="ADC resolution of the tiles-and-ADCs row")
     parser.add_argument("--skip-training", action="store_true", help="only the Monte Carlo comparison")
     parser.add_argument("--json", default=str(REPO / "build" / "vs_aihwkit.json"))
     args = parser.parse_args()
@@ -200,12 +224,23 @@ def main() -> None:
             print(f"  round {round_ + 1}: {name} {args.chips} chips in {runs[name][-1].seconds:.1f} s", flush=True)
     pcm = aihwkit_chips(analog_lenet(model, TorchInferenceRPUConfig(noise_model=PCMLikeNoiseModel())), x_test, test.y,
                         range(args.chips), args.seed, t_inference=3600.0)
+    # the crossbar as built, in both: the same tiles and ADC resolution (not part of the timing)
+    crossbar = with_adc_ranges(model, parse_device(f"tile:size={TILE}+adc:bits={args.adc_bits}+lognormal:sigma={args.sigma:g}"),
+                               x_train[:ADC_IMAGES])
+    tiled = {
+        f"rrcompile, {TILE}-row tiles, {args.adc_bits}-bit ADCs": rrcompile_chips(
+            MonteCarloEvaluator(model, crossbar), x_test, test.y, range(args.chips), args.seed),
+        f"aihwkit (TorchInferenceRPUConfig), {TILE}-row tiles, {args.adc_bits}-bit ADCs": aihwkit_chips(
+            analog_lenet(model, crossbar_periphery(TorchInferenceRPUConfig(noise_model=LogNormalNoiseModel(args.sigma)),
+                                                   args.adc_bits)), x_test, test.y, range(args.chips), args.seed),
+    }
 
     def throughput(timed: list[Timed]) -> float:
         return sum(len(r.accuracies) for r in timed) * len(test.y) / sum(r.seconds for r in timed)
 
     rows, report = [], {"machine": machine, "args": vars(args), "monte_carlo": {}, "training": {}}
-    for name, timed in [*runs.items(), ("aihwkit PCMLikeNoiseModel, t = 1 h", [pcm])]:
+    for name, timed in [*runs.items(), ("aihwkit PCMLikeNoiseModel, t = 1 h", [pcm]),
+                        *((name, [timed]) for name, timed in tiled.items())]:
         accuracies = [a for r in timed for a in r.accuracies]
         speed = throughput(timed)
         rows.append([name, len(accuracies), percent(float(np.mean(accuracies))), percent(float(np.std(accuracies))),
