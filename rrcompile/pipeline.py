@@ -94,7 +94,9 @@ class CompileOptions:
     rl_images: int = 2000
     tile: int = DEFAULT_TILE
     seed: int = 0
-    # where torch trains and calibrates: cpu, cuda, or auto (CUDA when torch sees a GPU)
+    # where torch trains and where a chip's calibration is timed: cpu, cuda, or auto (CUDA when
+    # torch sees a GPU); the agent's and the fine-tune's validation chips stay on onnxruntime's
+    # CPU path, so what compile chooses does not depend on the machine
     device_type: str = "auto"
 
 
