@@ -4,8 +4,8 @@ model carries it as JSON in its metadata (``rrcompile.hardware``).
 
 ADC energy: a conversion of ``B`` bits costs ``E = FOM * 2^B`` (Walden's figure of merit, R. H.
 Walden, "Analog-to-digital converter survey and analysis", IEEE JSAC 17(4), 1999; the FOM that B.
-Murmann's "ADC Performance Survey 1997-20xx", github.com/bmurmann/ADC-survey, tabulates for every
-published converter), with the nominal bits taken as the effective ones. ``ADC_FOM`` comes from the
+Murmann's "ADC Performance Survey", github.com/bmurmann/ADC-survey, tabulates for every published
+converter), with the nominal bits taken as the effective ones. ``ADC_FOM`` comes from the
 converter ISAAC's crossbars use (Shafiee et al., ISCA 2016): Kull et al., "A 3.1 mW 8b 1.2 GS/s
 single-channel asynchronous SAR ADC ...", IEEE JSSC 48(12), 2013: 3.1 mW / 1.2 GS/s = 2.58 pJ per
 8-bit conversion, 2.58 pJ / 2^8 = 10.1 fJ per level. So each extra bit doubles a converter's energy;
