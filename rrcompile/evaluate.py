@@ -80,9 +80,9 @@ def make_session(model: onnx.ModelProto, device_type: str = "cpu", *, short_live
         from rrcompile.torch_graph import TorchSession, default_device
 
         target = default_device(device_type)
-        if target.type == "cuda" and CUDA_PROVIDER not in ort.get_available_providers():
-            return TorchSession(model, target)
         if target.type == "cuda":
+            if CUDA_PROVIDER not in ort.get_available_providers():
+                return TorchSession(model, target)
             providers.insert(0, CUDA_PROVIDER)
     return ort.InferenceSession(model.SerializeToString(), _session_options(short_lived=short_lived), providers=providers)
 
