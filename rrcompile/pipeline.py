@@ -112,9 +112,11 @@ class CompileResult:
     x_calibration: np.ndarray | None = None  # the images the compiler calibrated its validation chips on
 
 
-def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
+def calibration_ranks(model: onnx.ModelProto, budget: float, projection: str = "chip") -> dict[str, int]:
     """The largest rank of ``RANK_LEVELS`` each layer's slot could take alone within ``budget``,
-    every slot's gain and offset paid first: the choices the agent starts from."""
+    every slot's gain and offset paid first: the choices the agent starts from. A correction of a
+    layer has rank ``min(rows, cols)`` at most; with a per-chip projection, weights past that rank
+    buy nothing (a compiled projection may still use more directions than columns to choose from)."""
     layers = analog_layers(model)
     total = sum(layer.params for layer in layers)
     floor = sum(slot_weights(layer, 0) for layer in layers)
@@ -123,7 +125,8 @@ def calibration_ranks(model: onnx.ModelProto, budget: float) -> dict[str, int]:
                           f"(a gain and an offset per column of every layer); raise the budget or use "
                           f"--trained-compensation")
     left = budget * total - floor
-    return {layer.node: max([r for r in RANK_LEVELS if r <= layer.rows and r * (layer.rows + layer.cols) <= left] or [0])
+    useful = {layer.node: min(layer.rows, layer.cols) if projection == "chip" else layer.rows for layer in layers}
+    return {layer.node: max([r for r in RANK_LEVELS if r <= useful[layer.node] and r * (layer.rows + layer.cols) <= left] or [0])
             for layer in layers}
 
 
@@ -199,7 +202,7 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     # the first images of the training data, as `rrcompile evaluate --calibrate` and `calibrate` take them
     x_calibration = x[:options.calibration_images]
     model = stage("insert calibration slots", lambda: InsertCompensationCandidatesPass(
-        ranks=calibration_ranks(model, options.budget), calibrated=True, seed=options.seed)(model).model)
+        ranks=calibration_ranks(model, options.budget, options.calibration_config.projection), calibrated=True, seed=options.seed)(model).model)
     if not slots(model):
         raise UnsupportedModelError("no analog layer could take a calibration slot (see the warnings); "
                                     "compile with --no-compensation")

@@ -18,9 +18,10 @@ from rrcompile.deploy import compiled_device
 from rrcompile.devices import is_variation, parse_device
 from rrcompile.errors import OptionError
 from rrcompile.finetune import FinetuneConfig
+from rrcompile.graph import analog_layers
 from rrcompile.hardware import HardwareReport
 from rrcompile.lipschitz import LipschitzPenalty
-from rrcompile.pipeline import CompileOptions, compensation_config, compile, finetune_config
+from rrcompile.pipeline import CompileOptions, calibration_ranks, canonicalize, compensation_config, compile, finetune_config
 from rrcompile.rl.selection import search_result
 
 DEVICE = parse_device("lognormal:sigma=0.5")
@@ -199,3 +200,13 @@ def test_compile_on_tiles_and_adcs_deploys_the_converters_it_trained_with(digits
     ideal = InsertVariationPass(parse_device("tile:size=64+adc:bits=6+lognormal:sigma=0"), fixed)(result.model).model
     expected = run(ideal, x[:20], **{n.name: np.zeros(n.shape, np.float32) for n in noise_inputs(ideal)})
     assert np.abs(run(result.deployed, x[:20]) - expected).max() <= 1e-5
+
+
+def test_calibration_slots_are_inserted_no_larger_than_a_correction_can_use(digits):
+    model = canonicalize(digits[0])
+    layers = {layer.node: layer for layer in analog_layers(model)}
+    per_chip, compiled = calibration_ranks(model, 0.2), calibration_ranks(model, 0.2, "compiled")
+    assert all(rank <= min(layers[name].rows, layers[name].cols) for name, rank in per_chip.items())
+    # a compiled projection may hold more directions than the layer has columns, to choose from
+    assert any(compiled[name] > layers[name].cols for name in compiled)
+    assert all(compiled[name] >= per_chip[name] for name in compiled)
