@@ -26,22 +26,15 @@ import numpy as np
 import torch
 
 from rrcompile.calibrate import CalibrationConfig, Calibrator, SimulatedChip, fit_projections
-from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, model_io
+from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.graph import analog_layers
-from rrcompile.io import load_model
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
-from rrcompile.pipeline import canonicalize
 from rrcompile.report import format_table, percent, write_json
 
+from calibration_speed import MODELS, load_benchmark  # noqa: E402  (bench/ is the script's own folder on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-MODELS = {  # name: (model, data spec, mean, std)
-    "digits": (REPO / "models" / "digits_cnn.onnx", "digits", "0", "1"),
-    "lenet5-mnist": (SHARED / "models" / "lenet5_mnist.onnx", f"mnist:{SHARED / 'mnist'}", "0.1307", "0.3081"),
-    "vgg-fashion": (REPO / "models" / "vgg_fashion.onnx", f"fashion-mnist:{SHARED / 'fashion-mnist'}", "0", "1"),
-}
 FORMS = {
     "compiled": CalibrationConfig(projection="compiled"),
     "chip": CalibrationConfig(projection="chip"),
@@ -61,16 +54,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "calibration_forms.json"))
     args = parser.parse_args()
-    path, spec, mean, std = MODELS[args.model]
-    if not path.exists() or (":" in spec and not Path(spec.split(":", 1)[1]).exists()):
-        raise SystemExit(f"{path} or its data is missing")
+    loaded = load_benchmark(args.model)
+    if loaded is None:
+        raise SystemExit(f"{MODELS[args.model][0]} or its data is missing")
+    model, x_train, x_test, test = loaded
     device = parse_device(f"lognormal:sigma={args.sigma}")
-    model = canonicalize(load_model(path))
-    input_name, input_shape = model_io(model)
-    preprocess = Preprocess.parse("255", mean, std)
-    train, test = load_data(spec, "train"), load_data(spec, "test")
-    x_train = fit_to_input(preprocess.apply(train.x[:2000]), input_name, input_shape)
-    x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape)
     layers = analog_layers(model)
     ranks = dict(zip((layer.node for layer in layers), map(int, args.ranks.split(","))))
     slotted = InsertCompensationCandidatesPass(ranks=ranks, calibrated=True)(model).model

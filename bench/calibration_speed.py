@@ -39,6 +39,20 @@ MODELS = {  # name: (model, data spec, mean, std)
 }
 
 
+def load_benchmark(name: str):
+    """(canonical model, 2,000 prepared training images, prepared test images, the test set), or
+    None when the model or its data is missing."""
+    path, spec, mean, std = MODELS[name]
+    if not path.exists() or (":" in spec and not Path(spec.split(":", 1)[1]).exists()):
+        return None
+    model = canonicalize(load_model(path))
+    input_name, input_shape = model_io(model)
+    preprocess = Preprocess.parse("255", mean, std)
+    train, test = load_data(spec, "train"), load_data(spec, "test")
+    x_train = fit_to_input(preprocess.apply(train.x[:2000]), input_name, input_shape)
+    return model, x_train, fit_to_input(preprocess.apply(test.x), input_name, input_shape), test
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -52,16 +66,11 @@ def main() -> None:
     device = parse_device(args.device)
     rows, results = [], {}
     for name in args.models.split(","):
-        path, spec, mean, std = MODELS[name]
-        if not path.exists() or (":" in spec and not Path(spec.split(":", 1)[1]).exists()):
-            print(f"skipping {name}: {path} or its data is missing")
+        loaded = load_benchmark(name)
+        if loaded is None:
+            print(f"skipping {name}: {MODELS[name][0]} or its data is missing")
             continue
-        model = canonicalize(load_model(path))
-        input_name, input_shape = model_io(model)
-        preprocess = Preprocess.parse("255", mean, std)
-        train, test = load_data(spec, "train"), load_data(spec, "test")
-        x_train = fit_to_input(preprocess.apply(train.x[:2000]), input_name, input_shape)
-        x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape)
+        model, x_train, x_test, test = loaded
         ranks = calibration_ranks(model, args.budget)
         slotted = InsertCompensationCandidatesPass(ranks=ranks, calibrated=True)(model).model
         slotted = fit_projections(slotted, device, x_train, seed=args.seed)

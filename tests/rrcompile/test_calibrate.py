@@ -53,16 +53,21 @@ def test_calibration_is_deterministic_and_the_chip_is_the_evaluators(digits):
     first, second = (Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 5), x_train[:256]) for _ in range(2))
     assert all(np.array_equal(first.values[k], second.values[k]) for k in first.values)
     # the simulated chip, layer by layer, computes what the evaluator's session for chip 5 computes
-    session, feed = MonteCarloEvaluator(compiled, device).chip(0, 5)
-    chip = SimulatedChip(compiled, device, 0, 5)
+    assert_chip_is_the_evaluators(compiled, device, 5, x_test[:50])
+
+
+def assert_chip_is_the_evaluators(compiled: onnx.ModelProto, device, index: int, x: np.ndarray) -> None:
+    """Simulated chip ``index``, layer by layer, computes what the evaluator's session for that chip computes."""
+    session, feed = MonteCarloEvaluator(compiled, device).chip(0, index)
+    chip = SimulatedChip(compiled, device, 0, index)
     analog = {layer.node for layer in analog_layers(compiled)}
 
     def on_chip(node, attrs, inputs):
         return [torch.from_numpy(chip.run_layer(node.name, inputs[0].numpy()))] if node.name in analog else None
 
     with torch.no_grad():
-        layered = TorchGraph(compiled)(torch.from_numpy(x_test[:50]), intercept=on_chip).numpy()
-    np.testing.assert_allclose(layered, session.run(None, {"image": x_test[:50], **feed()})[0], atol=1e-4, rtol=1e-4)
+        layered = TorchGraph(compiled)(torch.from_numpy(x), intercept=on_chip).numpy()
+    np.testing.assert_allclose(layered, session.run(None, {"image": x, **feed()})[0], atol=1e-4, rtol=1e-4)
 
 
 def linear_model(weight: np.ndarray) -> onnx.ModelProto:
@@ -240,16 +245,7 @@ def test_a_chip_on_tiles_and_adcs_is_the_evaluators_and_calibrates(digits):
     device = with_adc_ranges(model, parse_device("tile:size=32+adc:bits=5+lognormal:sigma=0.5"), x_train[:256])
     compiled = slotted(model, device, x_train[:500])
     # the simulated chip runs each layer on its tiles and converters: what the evaluator's chip 2 computes
-    session, feed = MonteCarloEvaluator(compiled, device).chip(0, 2)
-    chip = SimulatedChip(compiled, device, 0, 2)
-    analog = {layer.node for layer in analog_layers(compiled)}
-
-    def on_chip(node, attrs, inputs):
-        return [torch.from_numpy(chip.run_layer(node.name, inputs[0].numpy()))] if node.name in analog else None
-
-    with torch.no_grad():
-        layered = TorchGraph(compiled)(torch.from_numpy(x_test[:50]), intercept=on_chip).numpy()
-    np.testing.assert_allclose(layered, session.run(None, {"image": x_test[:50], **feed()})[0], atol=1e-4, rtol=1e-4)
+    assert_chip_is_the_evaluators(compiled, device, 2, x_test[:50])
     raw, calibrated = CalibratedEvaluator(compiled, device, x_train[:256]).evaluate(x_test, y_test, 3, 0, progress=False)
     assert calibrated.mean > raw.mean + 0.05  # the 5-bit converters' error is part of what each chip corrects
 
