@@ -36,7 +36,9 @@ METADATA_KEY = "rrcompile.hardware"
 class CalibrationSlot:
     layer: str
     rank: int
-    per_chip_weights: int  # up, gain and offset: solved again for every chip
+    # down, up, gain and offset: solved again for every chip (rrcompile.calibrate's default; with
+    # CalibrationConfig(projection="compiled") the down projection is fixed and this overcounts it)
+    per_chip_weights: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ class HardwareReport:
                                         tiles, size, cols, bits, conversions, energy))
         layers = tuple(layers)
         sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
-        slots = tuple(CalibrationSlot(c.layer, c.rank, sizes[c.up] + sizes[c.gain] + sizes[c.offset])
+        slots = tuple(CalibrationSlot(c.layer, c.rank, sizes[c.down] + sizes[c.up] + sizes[c.gain] + sizes[c.offset])
                       for c in candidates(model) if c.calibrated)
         return cls(layers, sum(c.weights for c in candidates(model)), tile, slots,
                    calibration_images if slots else None, calibration_seconds if slots else None)

@@ -264,3 +264,13 @@ def test_adc_noise_is_read_per_chunk_of_calibration_images(digits):
     # conv1 has one tile: the noise is N(0, (0.05 A)^2) per conversion, A the column's range
     spread = (reads[0] - exact[0]).std(axis=(1, 2)) / noisy.adc_ranges["conv1"][:, 0]
     assert np.all((spread > 0.03) & (spread < 0.07))
+
+
+def test_the_hardware_reports_per_chip_weights_are_what_a_chip_calibration_writes(digits):
+    from rrcompile.hardware import HardwareReport
+
+    model, x_train, _, _ = digits
+    device = parse_device("lognormal:sigma=0.5")
+    compiled = slotted(model, device, x_train[:500])
+    values = Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 1), x_train[:64]).values
+    assert HardwareReport.of(compiled).per_chip_weights == sum(v.size for v in values.values())
