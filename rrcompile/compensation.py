@@ -167,7 +167,7 @@ class DenseCompensation(Compensation):
 
 
 class ConvCalibration(ConvCompensation):
-    """``A * Y + B + G * Conv(Conv(X, Wd), Wu)``: a conv compensation with per-chip up, gain and offset."""
+    """``A * Y + B + G * Conv(Conv(X, Wd), Wu)``: a conv compensation whose weights are solved per chip."""
 
     op_type = "ConvCalibration"
     calibrated = True
@@ -179,7 +179,7 @@ class ConvCalibration(ConvCompensation):
 
 
 class DenseCalibration(DenseCompensation):
-    """``A * Y + B + G * MatMul(MatMul(X, Wd), Wu)``: a dense compensation with per-chip up, gain and offset."""
+    """``A * Y + B + G * MatMul(MatMul(X, Wd), Wu)``: a dense compensation whose weights are solved per chip."""
 
     op_type = "DenseCalibration"
     calibrated = True
