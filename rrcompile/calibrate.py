@@ -524,7 +524,8 @@ def save_measurements(measurements: Mapping[str, np.ndarray], path: str | os.Pat
 
 def with_ranks(model: onnx.ModelProto, ranks: Mapping[str, int]) -> onnx.ModelProto:
     """A copy of ``model`` whose calibratable slots keep only their first ``ranks[layer]`` directions
-    (the strongest: :func:`fit_projections` orders them), with the up weights cut to match; a slot
+    (the strongest where :func:`fit_projections` fitted them; a per-chip projection replaces them on
+    every chip), with the up weights cut to match; a slot
     cut to rank 0 becomes its gain-and-offset function."""
     found = {s.layer.node: s for s in slots(model)}
     unknown = set(ranks) - set(found)
