@@ -261,9 +261,9 @@ def chip_projection(slot: Slot, x: torch.Tensor, error: torch.Tensor, rank: int,
     ``V`` (top eigenvectors of the fitted values' covariance ``M^T G M``) keep ``Wd = V^T M^T``.
     Shaped like the slot's down initializer."""
     rows = slot.layer.rows
-    gram = torch.zeros(rows, rows, dtype=torch.float64)
-    cross = torch.zeros(rows, error.shape[1], dtype=torch.float64)
-    total = torch.zeros(rows, dtype=torch.float64)
+    gram = error.new_zeros(rows, rows)  # on the solve's device: a calibration may run on a GPU
+    cross = error.new_zeros(rows, error.shape[1])
+    total = error.new_zeros(rows)
     per_image = len(error) // len(x)
     for start in range(0, len(x), 64):  # patches a chunk of images at a time: VGG-sized convs stay small
         patches = _patches(slot, x[start:start + 64]).double()
