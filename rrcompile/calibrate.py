@@ -254,6 +254,12 @@ def _patches(slot: Slot, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(padded, kernel, dilation=dilations, stride=strides).transpose(1, 2).reshape(-1, slot.layer.rows)
 
 
+def _ridge(diagonal: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The ridge of a Gram matrix (or a batch of them) with ``diagonal``: each feature's own energy
+    sets its ridge, so it is scale-free, and a dead feature (all zero) stays at 0."""
+    return ridge * diagonal + 1e-12 * diagonal.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
 def chip_projection(slot: Slot, x: torch.Tensor, error: torch.Tensor, rank: int, ridge: float) -> torch.Tensor:
     """The down projection of ``rank`` that best explains this chip's ``error`` (ideal minus raw
     output, as [positions, cols]) from the layer input ``x``: reduced-rank ridge
@@ -274,8 +280,7 @@ def chip_projection(slot: Slot, x: torch.Tensor, error: torch.Tensor, rank: int,
     gram -= len(error) * torch.outer(mean, mean)  # centred: the offset takes the mean
     cross -= torch.outer(mean, error.sum(0))
     diagonal = torch.diagonal(gram)
-    penalty = ridge * diagonal + 1e-12 * diagonal.max().clamp_min(1e-30)
-    full = torch.linalg.solve(gram + torch.diag(penalty), cross)  # [rows, cols]
+    full = torch.linalg.solve(gram + torch.diag(_ridge(diagonal, ridge)), cross)  # [rows, cols]
     fitted = full.T @ gram @ full
     eigenvalues, eigenvectors = torch.linalg.eigh((fitted + fitted.T) / 2)
     top = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:rank]]  # [cols, r]
@@ -323,9 +328,8 @@ def _solve_given(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tens
         gram = (features.T @ features).expand(cols, rank, rank)
         rhs = (features.T @ error).T
     diagonal = torch.diagonal(gram, dim1=1, dim2=2)
-    # each feature's own energy sets its ridge: scale-free, and a dead feature (all zero) stays at 0
-    ridge = config.ridge * diagonal + 1e-12 * diagonal.amax(dim=1, keepdim=True).clamp_min(1e-30)
-    solution = torch.linalg.solve(gram + torch.diag_embed(ridge), rhs.unsqueeze(-1)).squeeze(-1)  # [cols, features]
+    solution = torch.linalg.solve(gram + torch.diag_embed(_ridge(diagonal, config.ridge)),
+                                  rhs.unsqueeze(-1)).squeeze(-1)  # [cols, features]
     if config.affine:
         gain, offset, up = 1 + solution[:, 0], solution[:, -1], solution[:, 1:-1]
     else:
