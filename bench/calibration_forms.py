@@ -8,10 +8,14 @@ One model (as shipped, no fine-tune), calibration slots at fixed ranks, the same
 - ``chip``: ``Wd`` solved per chip as well (reduced-rank ridge regression, ``chip_projection``);
 - ``chip-no-gain``: as ``chip``, with the per-column gain and offset left at 1 and 0;
 - ``compiled-layer-target``: ``compiled``, each slot matching the ideal ``W x`` on the input its
-  layer saw instead of the clean network's output there.
+  layer saw instead of the clean network's output there;
+- ``chip@R`` (``--projection-ridges``): ``chip`` with the per-chip projection's ridge at ``R``,
+  the measurement behind ``CalibrationConfig.projection_ridge`` (run it on chips of another seed
+  than the paper table's, ``--seed 1``, so the choice is not made on the chips it is judged on).
 
     python bench/calibration_forms.py                                  # LeNet-5, sigma 0.5, 8 chips
     python bench/calibration_forms.py --sigma 0.7 --ranks 4,2,1,0,4 --chips 20
+    python bench/calibration_forms.py --forms chip --projection-ridges 0.1,0.03,0.01,0.003 --seed 1 --chips 12
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--ranks", default="4,2,1,0,4", help="a rank per analog layer, in graph order")
     parser.add_argument("--forms", default=",".join(FORMS), help=f"comma list of {', '.join(FORMS)}")
+    parser.add_argument("--projection-ridges", default="",
+                        help="comma list: the chip form again with each of these projection ridges")
     parser.add_argument("--chips", type=int, default=8)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -66,9 +72,12 @@ def main() -> None:
     evaluator = MonteCarloEvaluator(slotted, device)
     x_calibration = x_train[:args.images]
     raw = [evaluator.chip_accuracy(x_test, test.y, args.seed, chip) for chip in range(args.chips)]
+    forms = {form: FORMS[form] for form in args.forms.split(",")}
+    for ridge in filter(None, args.projection_ridges.split(",")):
+        forms[f"chip@{float(ridge):g}"] = CalibrationConfig(projection="chip", projection_ridge=float(ridge))
     results, rows = {}, []
-    for form in args.forms.split(","):
-        calibrator = Calibrator(slotted, FORMS[form])
+    for form, config in forms.items():
+        calibrator = Calibrator(slotted, config)
         accuracies, seconds = [], []
         for chip in range(args.chips):
             simulated = SimulatedChip(slotted, device, args.seed, chip, varied=evaluator.varied_model)
