@@ -27,17 +27,13 @@ from rrcompile.devices import DeviceConfig
 from rrcompile.finetune import logits_model
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import TorchGraph, default_device, write_back
-from rrcompile.training import BATCH_SIZE, run_epoch, task_loss
+from rrcompile.training import TrainingConfig, run_epoch, task_loss
 
 
 @dataclasses.dataclass
-class CompensationConfig:
+class CompensationConfig(TrainingConfig):
     epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = BATCH_SIZE
     feature_weight: float = 1.0
-    seed: int = 0
-    device_type: str = "auto"  # where torch trains: cpu, cuda, or auto (CUDA when torch sees a GPU)
 
 
 def train_compensation(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray,

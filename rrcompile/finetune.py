@@ -37,19 +37,17 @@ from rrcompile.evaluate import MonteCarloEvaluator, accuracy
 from rrcompile.lipschitz import LipschitzPenalty, SpectralReport
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.torch_graph import TorchGraph, default_device, trainable_initializers, write_back
-from rrcompile.training import BATCH_SIZE, run_epoch, task_loss
+from rrcompile.training import TrainingConfig, run_epoch, task_loss
 
 PROBABILITY_HEADS = ("Softmax", "LogSoftmax")
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = BATCH_SIZE
+class FinetuneConfig(TrainingConfig):
+    """The fine-tune's options; ``device_type`` moves the training only: the validation chips stay
+    on onnxruntime's CPU path, so the epoch kept does not depend on the machine."""
     val_fraction: float = 0.1
     patience: int = 3  # validation on a few chips is noisy: 2 stopped the VGG-style net at a dip
-    seed: int = 0
     lipschitz: LipschitzPenalty | None = None
     noise_injection: DeviceConfig | None = None
     validation_device: DeviceConfig | None = None
@@ -57,9 +55,6 @@ class FinetuneConfig:
     clean_tolerance: float = 0.005
     calibration: CalibrationConfig | None = None  # train for calibration (with noise_injection)
     calibration_images: int = CALIBRATION_IMAGES  # per validation chip
-    # where torch trains: cpu, cuda, or auto (CUDA when torch sees a GPU); the validation chips
-    # stay on onnxruntime's CPU path, so the epoch kept does not depend on the machine
-    device_type: str = "auto"
 
 
 @dataclasses.dataclass

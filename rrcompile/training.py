@@ -4,6 +4,7 @@ what they do between epochs, not in how an epoch walks the data.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -11,6 +12,17 @@ import torch
 from tqdm import tqdm
 
 BATCH_SIZE = 128  # training mini-batch, images
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The options every trainer takes; each trainer's config adds its own (and its own epochs)."""
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = BATCH_SIZE
+    seed: int = 0
+    # where torch trains: cpu, cuda, or auto (CUDA when torch sees a GPU)
+    device_type: str = "auto"
 
 # a step: (inputs, labels) of one mini-batch -> (the loss to minimize, the numbers to log of it)
 Step = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
