@@ -22,7 +22,10 @@ chips 0-7, 256 images (``python bench/calibration_forms.py --sigma S``): at sigm
 mean (worst 98.43%) against 98.44% (98.07%) with compiled directions; at sigma 0.7, 97.80%
 (97.33%) against 97.00% (95.60%). The gain and offset earn their ``2 * cols`` weights (without
 them, 97.65% and 91.50%), and so does the network target (the layer target, compiled
-directions: 97.97% and 93.89%). Given ``Wd``, no labels, no gradient descent: one
+directions: 97.97% and 93.89%). How hard the projection's fit is regularized is chosen per chip
+and layer, by how well a fit on half the calibration images predicts the error on the other half:
+no single ridge suited every layer (a fixed 0.01 left one LeNet-5 chip in 100 at 97.78% where 0.1
+gave 98.56%). Given ``Wd``, no labels, no gradient descent: one
 linear solve of size ``rank + 2`` per column. The ridge pulls every parameter toward "no
 correction" (gain 1, offset 0, up 0) in proportion to its own feature energy, so read noise and
 stuck cells, which make ``Y`` partly unpredictable, shrink the correction instead of breaking it.
@@ -75,6 +78,11 @@ TARGETS = ("network", "layer")
 PROJECTIONS = ("chip", "compiled")
 # unlabeled images a chip is calibrated on (compile's validation and report chips, `rrcompile calibrate`)
 CALIBRATION_IMAGES = 256
+# the per-chip projection's ridges to choose from (relative to each input feature's energy). No one
+# value suits every layer and chip: on LeNet-5 the convolutions (thousands of patches per image)
+# take the smallest, the classifier (84 inputs, one row per image) anything from 0.03 to 1
+PROJECTION_RIDGES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+ONE_IMAGE_PROJECTION_RIDGE = 0.01  # a single calibration image cannot be split to choose
 
 
 class CalibrationError(DataError):
@@ -92,10 +100,9 @@ class CalibrationConfig:
     # where the branch's down projection comes from: "chip", solved per chip with the rest
     # (:func:`chip_projection`); "compiled", fixed at compile time (:func:`fit_projections`)
     projection: str = "chip"
-    # relative, as ``ridge``: of the full fit the per-chip projection is cut from. Measured on chips
-    # of seed 1 (``bench/calibration_forms.py --projection-ridges``): 0.01 beats 0.1 on LeNet-5 at
-    # sigma 0.5 and 0.7, on digits and on the VGG-style net; below it the fit starts to follow noise
-    projection_ridge: float = 0.01
+    # relative, as ``ridge``: of the full fit the per-chip projection is cut from; None: chosen per
+    # chip and layer from PROJECTION_RIDGES by held-out error (:func:`chip_projection`)
+    projection_ridge: float | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -104,6 +111,8 @@ class CalibrationConfig:
             raise ValueError(f"calibration projection {self.projection!r}: expected one of {', '.join(PROJECTIONS)}")
         for name in ("ridge", "projection_ridge"):
             value = getattr(self, name)
+            if value is None and name == "projection_ridge":
+                continue
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"calibration {name.replace('_', ' ')} {value}: must be a finite number >= 0")
 
@@ -263,33 +272,84 @@ def _ridge(diagonal: torch.Tensor, ridge: float) -> torch.Tensor:
     return ridge * diagonal + 1e-12 * diagonal.amax(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def chip_projection(slot: Slot, x: torch.Tensor, error: torch.Tensor, rank: int, ridge: float) -> torch.Tensor:
-    """The down projection of ``rank`` that best explains this chip's ``error`` (ideal minus raw
-    output, as [positions, cols]) from the layer input ``x``: reduced-rank ridge
-    regression. The full correction ``M`` is fitted first; its ``rank`` strongest output directions
-    ``V`` (top eigenvectors of the fitted values' covariance ``M^T G M``) keep ``Wd = V^T M^T``.
-    Shaped like the slot's down initializer."""
-    rows = slot.layer.rows
-    gram = error.new_zeros(rows, rows)  # on the solve's device: a calibration may run on a GPU
-    cross = error.new_zeros(rows, error.shape[1])
-    total = error.new_zeros(rows)
-    per_image = len(error) // len(x)
+@dataclasses.dataclass
+class _Moments:
+    """Sums over some images of a layer's input rows ``p`` and its error rows ``e``: what a ridge fit
+    of ``e`` on ``p`` and its squared error on other rows need."""
+    gram: torch.Tensor  # sum p p^T
+    cross: torch.Tensor  # sum p e^T
+    inputs: torch.Tensor  # sum p
+    errors: torch.Tensor  # sum e
+    energy: torch.Tensor  # sum |e|^2
+    count: int
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        return _Moments(self.gram + other.gram, self.cross + other.cross, self.inputs + other.inputs,
+                        self.errors + other.errors, self.energy + other.energy, self.count + other.count)
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gram, cross, energy) about the means: the offset takes the mean."""
+        mean, error_mean = self.inputs / self.count, self.errors / self.count
+        return (self.gram - self.count * torch.outer(mean, mean), self.cross - torch.outer(mean, self.errors),
+                self.energy - self.count * (error_mean * error_mean).sum())
+
+
+def _moments(slot: Slot, x: torch.Tensor, error: torch.Tensor, per_image: int) -> _Moments:
+    gram = error.new_zeros(slot.layer.rows, slot.layer.rows)  # on the solve's device: a calibration may run on a GPU
+    cross = error.new_zeros(slot.layer.rows, error.shape[1])
+    inputs = error.new_zeros(slot.layer.rows)
     for start in range(0, len(x), 64):  # patches a chunk of images at a time: VGG-sized convs stay small
         patches = _patches(slot, x[start:start + 64]).double()
         gram += patches.T @ patches
         cross += patches.T @ error[start * per_image:start * per_image + len(patches)]
-        total += patches.sum(0)
-    mean = total / len(error)
-    gram -= len(error) * torch.outer(mean, mean)  # centred: the offset takes the mean
-    cross -= torch.outer(mean, error.sum(0))
-    diagonal = torch.diagonal(gram)
-    full = torch.linalg.solve(gram + torch.diag(_ridge(diagonal, ridge)), cross)  # [rows, cols]
+        inputs += patches.sum(0)
+    return _Moments(gram, cross, inputs, error.sum(0), (error * error).sum(), len(error))
+
+
+def _reduced_fit(gram: torch.Tensor, cross: torch.Tensor, ridge: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the full ridge fit ``M`` [rows, cols], its ``rank`` strongest output directions ``V`` [cols, r])."""
+    full = torch.linalg.solve(gram + torch.diag(_ridge(torch.diagonal(gram), ridge)), cross)
     fitted = full.T @ gram @ full
     eigenvalues, eigenvectors = torch.linalg.eigh((fitted + fitted.T) / 2)
-    top = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:rank]]  # [cols, r]
+    return full, eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:rank]]
+
+
+def _held_out_ridge(folds: list[_Moments], rank: int) -> float:
+    """The ridge of PROJECTION_RIDGES whose rank-``rank`` fit on one fold best predicts the other's
+    error (squared error summed over both ways round)."""
+    centred = [fold.centred() for fold in folds]
+    losses = []
+    for ridge in PROJECTION_RIDGES:
+        loss = 0.0
+        for (gram, cross, _), (held_gram, held_cross, held_energy) in (centred, centred[::-1]):
+            full, top = _reduced_fit(gram, cross, ridge, rank)
+            correction = full @ top @ top.T
+            loss += float(held_energy - 2 * (correction * held_cross).sum() + (correction * (held_gram @ correction)).sum())
+        losses.append(loss)
+    return PROJECTION_RIDGES[losses.index(min(losses))]
+
+
+def chip_projection(slot: Slot, x: torch.Tensor, error: torch.Tensor, rank: int, ridge: float | None) -> torch.Tensor:
+    """The down projection of ``rank`` that best explains this chip's ``error`` (ideal minus raw
+    output, as [positions, cols]) from the layer input ``x``: reduced-rank ridge
+    regression. The full correction ``M`` is fitted first; its ``rank`` strongest output directions
+    ``V`` (top eigenvectors of the fitted values' covariance ``M^T G M``) keep ``Wd = V^T M^T``.
+    ``ridge`` None: the one of PROJECTION_RIDGES whose fit on half the images best predicts the
+    error on the other half, and back (unlabeled, closed form: each half's moments are summed anyway).
+    Shaped like the slot's down initializer."""
+    per_image = len(error) // len(x)
+    half = len(x) // 2
+    if ridge is None and half:
+        folds = [_moments(slot, x[:half], error[:half * per_image], per_image),
+                 _moments(slot, x[half:], error[half * per_image:], per_image)]
+        ridge, whole = _held_out_ridge(folds, rank), folds[0] + folds[1]
+    else:
+        whole = _moments(slot, x, error, per_image)
+    gram, cross, _ = whole.centred()
+    full, top = _reduced_fit(gram, cross, ONE_IMAGE_PROJECTION_RIDGE if ridge is None else ridge, rank)
     down = full @ top  # [rows, min(r, cols)]: a correction of the cols outputs has rank cols at most
     down = down / down.norm(dim=0, keepdim=True).clamp_min(1e-30)
-    down = torch.cat([down, down.new_zeros(rows, rank - down.shape[1])], dim=1)
+    down = torch.cat([down, down.new_zeros(slot.layer.rows, rank - down.shape[1])], dim=1)
     if slot.is_conv:
         return down.T.reshape(rank, *slot.layer.weight_shape[1:]).float()
     return down.float()

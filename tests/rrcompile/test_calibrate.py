@@ -1,6 +1,8 @@
 """Per-chip calibration: exactness, determinism, measured chips, and robustness to noisy devices."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import onnx
 import pytest
@@ -9,8 +11,8 @@ from conftest import DIGITS_MODEL, run
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.calibrate import (
-    IMAGES, CalibratedEvaluator, Chip, CalibrationConfig, CalibrationError, Calibrator, SimulatedChip, fit_projections,
-    load_measurements, save_measurements, slot_weights, with_ranks,
+    IMAGES, PROJECTION_RIDGES, CalibratedEvaluator, Chip, CalibrationConfig, CalibrationError, Calibrator, SimulatedChip,
+    _held_out_ridge, _moments, fit_projections, load_measurements, save_measurements, slot_weights, with_ranks,
 )
 from rrcompile.compensation import DenseCalibration, candidates
 from rrcompile.data import load_data
@@ -274,3 +276,16 @@ def test_the_hardware_reports_per_chip_weights_are_what_a_chip_calibration_write
     compiled = slotted(model, device, x_train[:500])
     values = Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 1), x_train[:64]).values
     assert HardwareReport.of(compiled).per_chip_weights == sum(v.size for v in values.values())
+
+
+@pytest.mark.parametrize("noise, chosen", [(0.0, min(PROJECTION_RIDGES)), (1.0, max(PROJECTION_RIDGES))])
+def test_the_projection_ridge_is_chosen_by_held_out_error(noise, chosen):
+    # an error that is exactly linear in the input wants the least ridge; pure noise, the most
+    rng = np.random.default_rng(3)
+    slot = types.SimpleNamespace(is_conv=False, layer=types.SimpleNamespace(rows=12))  # what the fit reads of a slot
+    x = torch.from_numpy(rng.standard_normal((256, 12)))
+    error = x @ torch.from_numpy(rng.standard_normal((12, 5))) * (1 - noise) \
+        + noise * torch.from_numpy(rng.standard_normal((256, 5)))
+    half = 128
+    folds = [_moments(slot, x[:half], error[:half], 1), _moments(slot, x[half:], error[half:], 1)]
+    assert _held_out_ridge(folds, rank=2) == chosen
