@@ -24,6 +24,7 @@ class TrainingConfig:
     # where torch trains: cpu, cuda, or auto (CUDA when torch sees a GPU)
     device_type: str = "auto"
 
+
 # a step: (inputs, labels) of one mini-batch -> (the loss to minimize, the numbers to log of it)
 Step = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
 

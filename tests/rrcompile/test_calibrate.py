@@ -19,6 +19,7 @@ from rrcompile.data import load_data
 from rrcompile.devices import parse_device
 from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.graph import analog_layers
+from rrcompile.hardware import HardwareReport
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
 from rrcompile.torch_graph import TorchGraph
@@ -269,8 +270,6 @@ def test_adc_noise_is_read_per_chunk_of_calibration_images(digits):
 
 
 def test_the_hardware_reports_per_chip_weights_are_what_a_chip_calibration_writes(digits):
-    from rrcompile.hardware import HardwareReport
-
     model, x_train, _, _ = digits
     device = parse_device("lognormal:sigma=0.5")
     compiled = slotted(model, device, x_train[:500])
