@@ -79,8 +79,8 @@ PROJECTIONS = ("chip", "compiled")
 # unlabeled images a chip is calibrated on (compile's validation and report chips, `rrcompile calibrate`)
 CALIBRATION_IMAGES = 256
 # the per-chip projection's ridges to choose from (relative to each input feature's energy). No one
-# value suits every layer and chip: on LeNet-5 the convolutions (thousands of patches per image)
-# take the smallest, the classifier (84 inputs, one row per image) anything from 0.03 to 1
+# value suits every layer and chip: a convolution fits on thousands of patches per image, a dense
+# layer on one row per image
 PROJECTION_RIDGES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 ONE_IMAGE_PROJECTION_RIDGE = 0.01  # a single calibration image cannot be split to choose
 
