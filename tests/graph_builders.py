@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rrcompile.graph import TARGET_IR_VERSION
+
 RNG = np.random.default_rng(1234)
 
 
@@ -28,6 +30,15 @@ def _seeded(builder):
 
 def _w(*shape: int, scale: float = 0.5) -> np.ndarray:
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def make_model(graph: onnx.GraphProto, **kwargs) -> onnx.ModelProto:
+    """``helper.make_model`` at the IR version rrcompile targets rather than the installed onnx's
+    newest: an onnxruntime older than its onnx refuses the newer IR (onnx 1.23 writes IR 14,
+    onnxruntime 1.30 reads up to 13), and a test of rrcompile must not fail on that pairing."""
+    model = helper.make_model(graph, **kwargs)
+    model.ir_version = TARGET_IR_VERSION
+    return model
 
 
 def _model(nodes, inputs, outputs, inits, opset: int, ir_version: int = 7, inits_as_inputs: bool = False) -> onnx.ModelProto:

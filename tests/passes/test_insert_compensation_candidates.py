@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_MODEL, gates, run, with_up_weights
-from graph_builders import QUIRK_MODELS
+from graph_builders import QUIRK_MODELS, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.compensation import COMPENSATIONS, candidates, rank_for_budget
@@ -82,7 +82,7 @@ def test_conv_auto_pad_becomes_explicit_pads():
         [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", auto_pad="SAME_LOWER", strides=[2, 2])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 9, 7])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "W")])
-    model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = canonicalize(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     compensated = InsertCompensationCandidatesPass(rank=3)(model).model
     node = next(n for n in compensated.graph.node if n.op_type == "ConvCompensation")
     assert {a.name: list(a.ints) for a in node.attribute} == {"strides": [2, 2], "pads": [2, 2, 1, 1], "dilations": [1, 1]}
@@ -103,7 +103,7 @@ def test_layer_with_unknown_shape_under_auto_pad_is_skipped_with_a_reason():
          helper.make_node("MatMul", ["r", "V"], ["y"], name="fc")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
-    model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = canonicalize(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.warns(UserWarning, match="'conv' gets no compensation candidate: auto_pad=SAME_UPPER needs the input's spatial shape"):
         compensated = InsertCompensationCandidatesPass()(model).model
     assert [c.layer for c in candidates(compensated)] == ["fc"]
@@ -137,7 +137,7 @@ def test_rejects_a_compensated_model_and_a_model_without_analog_layer():
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
     with pytest.raises(UnsupportedModelError, match="no analog layer"):
-        InsertCompensationCandidatesPass()(canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+        InsertCompensationCandidatesPass()(canonicalize(make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
     with pytest.raises(PassError, match="run CanonicalizePass first"):
         InsertCompensationCandidatesPass()(QUIRK_MODELS["mlp_matmul_chain"]()[0])
 

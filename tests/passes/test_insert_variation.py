@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run
-from graph_builders import QUIRK_MODELS
+from graph_builders import QUIRK_MODELS, make_model
 
 from rrcompile.devices import noise_inputs, parse_device
 from rrcompile.errors import UnsupportedModelError
@@ -64,7 +64,7 @@ def test_model_without_analog_layer_is_rejected():
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
-    model = canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = canonicalize(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(UnsupportedModelError, match="no analog layer"):
         InsertVariationPass(parse_device("lognormal:sigma=0.5"))(model)
 

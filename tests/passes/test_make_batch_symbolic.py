@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graph_builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.errors import PassError
@@ -16,7 +17,7 @@ def test_batch_folded_into_features_is_reported():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
         [numpy_helper.from_array(np.array([1, 6], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(PassError, match="MakeBatchSymbolicPass: output 'y' keeps a fixed batch"):
         MakeBatchSymbolicPass()(model)
 
@@ -25,5 +26,5 @@ def test_symbolic_batch_is_left_alone():
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert not MakeBatchSymbolicPass()(model).modified

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from conftest import DIGITS_MODEL, run
+from graph_builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.calibrate import (
@@ -79,7 +80,7 @@ def linear_model(weight: np.ndarray) -> onnx.ModelProto:
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="dense")], "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cols])], [numpy_helper.from_array(weight, "W")])
-    return canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return canonicalize(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 class KnownDeviation(Chip):

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graph_builders import QUIRK_MODELS
+from graph_builders import QUIRK_MODELS, make_model
 from onnx import TensorProto, helper
 
 from rrcompile.compensation import (
@@ -24,10 +24,9 @@ def run_function(kind, arrays: dict[str, np.ndarray], **attrs) -> np.ndarray:
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape) for name, value in arrays.items()]
     node = helper.make_node(kind.op_type, list(arrays), ["Z"], domain=RRCOMPILE_DOMAIN, **attrs)
     graph = helper.make_graph([node], "op", inputs, [helper.make_tensor_value_info("Z", TensorProto.FLOAT, arrays["Y"].shape)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET),
-                                                    helper.make_opsetid(RRCOMPILE_DOMAIN, FUNCTION_OPSET)],
-                              functions=[kind.function_proto()])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET),
+                                             helper.make_opsetid(RRCOMPILE_DOMAIN, FUNCTION_OPSET)],
+                       functions=[kind.function_proto()])
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, arrays)[0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DIGITS_MODEL, REAL_MODELS, run, shared_path
+from graph_builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.crossbar import (
@@ -31,8 +32,8 @@ def function_model(op: str, inputs: dict[str, np.ndarray], out_shape, **attrs) -
     node = helper.make_node(op, list(inputs), ["Y"], domain=RRCOMPILE_DOMAIN, **attrs)
     graph = helper.make_graph([node], "f", [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                                             for k, v in inputs.items()], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET), helper.make_opsetid(RRCOMPILE_DOMAIN, 1)],
-                             functions=[FUNCTIONS[op]()])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET), helper.make_opsetid(RRCOMPILE_DOMAIN, 1)],
+                      functions=[FUNCTIONS[op]()])
 
 
 def run_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -92,7 +93,7 @@ def _model(nodes, x_shape, inits) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape[1:]])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET)]))
+    return canonicalize(make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET)]))
 
 
 def small_graphs() -> dict[str, tuple[onnx.ModelProto, np.ndarray]]:

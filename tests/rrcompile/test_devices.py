@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_MODEL, run
+from graph_builders import make_model
 from onnx import TensorProto, helper
 
 from rrcompile.devices import DEVICE_MODELS, LogNormalVariation, parse_device, parse_models, simulated_device
@@ -37,8 +38,8 @@ def single_op_model(model, shape) -> onnx.ModelProto:
     if model.noise is not None:
         graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, noise_shape))
     graph = helper.make_graph(nodes, "op", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET), helper.make_opsetid(RRCOMPILE_DOMAIN, 1)],
-                             functions=[type(model).function_proto()])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", TARGET_OPSET), helper.make_opsetid(RRCOMPILE_DOMAIN, 1)],
+                      functions=[type(model).function_proto()])
 
 
 # variants of a kind, each its own ONNX function

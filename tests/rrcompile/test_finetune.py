@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_MODEL, run
+from graph_builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.data import load_data
@@ -65,7 +66,7 @@ def test_softmax_head_is_left_out_for_training_only():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
         [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 2])],
         [onnx.numpy_helper.from_array(np.ones((2, 3), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     logits = logits_model(model)
     assert [n.op_type for n in logits.graph.node] == ["Gemm"] and logits.graph.output[0].name == "z"
     assert [n.op_type for n in model.graph.node] == ["Gemm", "Softmax"]

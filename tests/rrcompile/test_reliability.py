@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_MODEL
+from graph_builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.cli import main
@@ -68,7 +69,7 @@ def _no_analog_layer(path: str) -> str:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 

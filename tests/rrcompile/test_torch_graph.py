@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 from conftest import DIGITS_MODEL, run, with_up_weights
-from graph_builders import QUIRK_MODELS
+from graph_builders import QUIRK_MODELS, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from rrcompile.crossbar import adc_ranges
@@ -26,7 +26,7 @@ def graph_model(nodes, x_shape, inits: dict[str, np.ndarray] = {}, opset: int = 
     graph = helper.make_graph(
         nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], [onnx.ValueInfoProto(name="y")],
         [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def single_op(op: str, x_shape, inits: dict[str, np.ndarray] = {}, extra_inputs=(), **attrs) -> onnx.ModelProto:

@@ -1,0 +1,150 @@
+"""The GPU against the CPU of the same machine, side by side in one run (issue 13, part 2).
+
+Per model (LeNet-5 on MNIST, the VGG-style net on Fashion-MNIST; ``lognormal:sigma=0.5``), each
+stage runs with ``device_type="cpu"`` and then with ``"cuda"``, on the same chips and images:
+
+1. Monte Carlo: seconds per chip over the whole test set. The CPU path is onnxruntime; on CUDA it
+   is onnxruntime's CUDA provider where this onnxruntime has it, else rrcompile's torch executor
+   (the JSON says which). The per-chip accuracies of both paths are compared chip for chip.
+2. Calibration: seconds to measure and calibrate one chip on 256 images, slots at the largest
+   ranks the 3% budget allows each layer (as ``bench/calibration_speed.py``).
+3. Fine-tune: seconds for one epoch of noise-injection fine-tuning on ``--train-images`` images,
+   the whole ``finetune`` call (its validation chips stay on onnxruntime's CPU path by design).
+
+The first chip of each path is a warm-up (CUDA context, kernel choice) and is not timed.
+Writes ``gpu.json`` to ``--out`` and prints the table, Markdown. Without a GPU it says so and
+exits 2, unless ``--device-types cpu`` (to check the script on a machine without one).
+
+    python bench/gpu.py --out build/gpu
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from calibration_speed import MODELS, load_benchmark  # noqa: E402
+
+from rrcompile.calibrate import Calibrator, SimulatedChip, fit_projections  # noqa: E402
+from rrcompile.data import Preprocess, fit_to_input, load_data  # noqa: E402
+from rrcompile.devices import parse_device  # noqa: E402
+from rrcompile.evaluate import CUDA_PROVIDER, MonteCarloEvaluator, model_io  # noqa: E402
+from rrcompile.finetune import FinetuneConfig, finetune  # noqa: E402
+from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass  # noqa: E402
+from rrcompile.pipeline import calibration_ranks  # noqa: E402
+from rrcompile.report import format_table, write_json  # noqa: E402
+
+BUDGET = 0.03
+CALIBRATION_IMAGES = 256
+
+
+def _timed(call) -> tuple[float, object]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = call()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def monte_carlo(model, device, x, y, chips: int, device_type: str, batch_size: int) -> dict:
+    evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size, device_type=device_type)
+    evaluator.chip_accuracy(x, y, 0, chips)  # warm-up on a chip outside the timed ones
+    seconds, accuracies = [], []
+    for chip in range(chips):
+        spent, accuracy = _timed(lambda: evaluator.chip_accuracy(x, y, 0, chip))
+        seconds.append(spent)
+        accuracies.append(accuracy)
+    return {"seconds_per_chip": statistics.median(seconds), "accuracies": accuracies,
+            "session": type(evaluator.clean_session).__name__}
+
+
+def calibration(slotted, device, x_calibration, chips: int, device_type: str) -> dict:
+    calibrator = Calibrator(slotted, device_type=device_type)
+    evaluator = MonteCarloEvaluator(slotted, device)  # the chips' draws; inference is not timed here
+    calibrator.calibrate(SimulatedChip(slotted, device, 0, chips, varied=evaluator.varied_model), x_calibration)
+    seconds = []
+    for chip in range(chips):
+        simulated = SimulatedChip(slotted, device, 0, chip, varied=evaluator.varied_model)
+        seconds.append(_timed(lambda: calibrator.calibrate(simulated, x_calibration))[0])
+    return {"seconds_per_chip": statistics.median(seconds)}
+
+
+def finetune_epoch(model, device, x, y, device_type: str) -> dict:
+    config = FinetuneConfig(epochs=1, noise_injection=device, validation_device=device, device_type=device_type)
+    seconds, result = _timed(lambda: finetune(model, x, y, config, progress=False))
+    return {"seconds": seconds, "clean_val": result.history[-1].clean_val}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="lenet5-mnist,vgg-fashion")
+    parser.add_argument("--device", default="lognormal:sigma=0.5")
+    parser.add_argument("--device-types", default="cpu,cuda")
+    parser.add_argument("--chips", type=int, default=5, help="timed chips per stage and path")
+    parser.add_argument("--train-images", type=int, default=10000)
+    parser.add_argument("--batch-size", type=int, default=500, help="Monte Carlo inference batch")
+    parser.add_argument("--out", default=str(REPO / "build" / "gpu"))
+    args = parser.parse_args()
+    device_types = args.device_types.split(",")
+    if "cuda" in device_types and not torch.cuda.is_available():
+        print("bench/gpu.py: torch sees no CUDA GPU here (use --device-types cpu to check the script)", file=sys.stderr)
+        return 2
+    device = parse_device(args.device)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, GPU {gpu}; torch {torch.__version__}, "
+               f"onnxruntime {ort.__version__} (providers {', '.join(ort.get_available_providers())})")
+    print(machine, flush=True)
+    results, rows = {}, []
+    for name in args.models.split(","):
+        loaded = load_benchmark(name)
+        if loaded is None:
+            print(f"skipping {name}: {MODELS[name][0]} or its data is missing")
+            continue
+        model, x_few, x_test, test = loaded
+        _, spec, mean, std = MODELS[name]
+        train = load_data(spec, "train").subset(args.train_images)
+        input_name, input_shape = model_io(model)
+        x_train = fit_to_input(Preprocess.parse("255", mean, std).apply(train.x), input_name, input_shape)
+        slotted = InsertCompensationCandidatesPass(ranks=calibration_ranks(model, BUDGET), calibrated=True)(model).model
+        slotted = fit_projections(slotted, device, x_few, seed=0)
+        per_type = {}
+        for device_type in device_types:
+            print(f"{name}, {device_type} ...", flush=True)
+            per_type[device_type] = {
+                "monte_carlo": monte_carlo(model, device, x_test, test.y, args.chips, device_type, args.batch_size),
+                "calibration": calibration(slotted, device, x_few[:CALIBRATION_IMAGES], args.chips, device_type),
+                "finetune_epoch": finetune_epoch(model, device, x_train, train.y, device_type),
+            }
+        results[name] = per_type
+        first = per_type[device_types[0]]
+        for device_type, measured in per_type.items():
+            difference = max(abs(a - b) for a, b in zip(measured["monte_carlo"]["accuracies"],
+                                                         first["monte_carlo"]["accuracies"]))
+            rows.append([name, device_type, measured["monte_carlo"]["session"],
+                         f"{measured['monte_carlo']['seconds_per_chip']:.3f}", f"{difference * 100:.2f}",
+                         f"{measured['calibration']['seconds_per_chip']:.3f}",
+                         f"{measured['finetune_epoch']['seconds']:.1f}"])
+    os.makedirs(args.out, exist_ok=True)
+    write_json({"args": vars(args), "machine": machine, "models": results}, os.path.join(args.out, "gpu.json"))
+    print(f"\n{args.device}; {args.chips} timed chips (medians); Monte Carlo over the whole test set, batch "
+          f"{args.batch_size}; calibration on {CALIBRATION_IMAGES} images; one fine-tune epoch on "
+          f"{args.train_images:,} images\n{machine}\n")
+    print(format_table(["model", "device type", "Monte Carlo session", "s per chip", "max accuracy diff (points)",
+                        "calibration s per chip", "fine-tune epoch s"], rows, "lllrrrr", markdown=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
