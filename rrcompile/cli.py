@@ -472,7 +472,7 @@ def compile_options(args: argparse.Namespace, device: DeviceConfig) -> pipeline.
         final_epochs=args.final_epochs, episodes=args.episodes, overhead_weight=args.overhead_weight,
         rl_chips=args.rl_chips, rl_images=args.rl_images, tile=args.tile, seed=args.seed,
         calibration=not args.trained_compensation, calibration_images=args.calibration_images,
-        device_type=args.device_type)
+        calibration_finetune=args.calibration_finetune, device_type=args.device_type)
 
 
 @dataclasses.dataclass
@@ -794,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the paper's compensation, trained once for every chip, instead of calibrated per chip")
     co.add_argument("--calibration-images", type=positive_int, default=compile_default("calibration_images"),
                     help="unlabeled train images each chip is calibrated on")
+    co.add_argument("--calibration-finetune", choices=pipeline.CALIBRATION_FINETUNES,
+                    default=compile_default("calibration_finetune"),
+                    help="with calibration, what is fine-tuned: none (the network as given, which calibration "
+                         "repairs per chip; it did best as measured), calibrated (after the ranks, each mini-batch's "
+                         "chip calibrated) or raw (first, on raw chips) (default: none)")
     co.add_argument("--lipschitz", type=nonnegative_float, default=compile_default("beta"), metavar="BETA")
     co.add_argument("--lipschitz-form", default=compile_default("lipschitz_form"), help="spectral or orthogonal")
     co.add_argument("--epochs", type=positive_int, default=default(FinetuneConfig, "epochs"), help="Lipschitz fine-tuning epochs")

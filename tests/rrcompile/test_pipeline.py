@@ -43,18 +43,30 @@ def test_compile_calibrates_by_default_within_the_budget(digits):
     result = compile(model, x, y, small(), progress=False, log=lambda _: None)
     # every chip solves its own down projection: none is fitted at compile time
     assert list(result.seconds) == ["canonicalize", "insert calibration slots", "profile layers",
-                                    "RL selection", "fine-tune for calibration", "deploy"]
+                                    "RL selection", "deploy"]
     assert set(result.selection) == {"none", "greedy", "rl"}
     assert result.selection["rl"].reward >= result.selection["none"].reward
     assert set(result.ranks) == {"conv1", "conv2", "fc1", "fc2"} and result.hardware.overhead_percent <= 3.0
     assert all(c.calibrated for c in candidates(result.deployed)) and len(result.x_calibration) == 256
     onnx.checker.check_model(result.deployed, full_check=True)
-    # uncalibrated, the slots change nothing: the deployed graph computes the fine-tuned network
-    np.testing.assert_allclose(run(result.deployed, x[:20]), run(result.model, x[:20]), atol=1e-5, rtol=1e-5)
+    # nothing is fine-tuned, and uncalibrated the slots change nothing: the deployed graph computes
+    # the network as given
+    np.testing.assert_allclose(run(result.deployed, x[:20]), run(model, x[:20]), atol=1e-5, rtol=1e-5)
     hardware = HardwareReport.from_model(result.deployed)
     assert hardware["calibration"]["images"] == 256 and hardware["calibration"]["seconds_per_chip"] > 0
     assert [slot["layer"] for slot in hardware["calibration"]["slots"]] == ["conv1", "conv2", "fc1", "fc2"]
     assert compiled_device(result.deployed) == DEVICE
+
+
+@pytest.mark.parametrize("finetune, stages", [
+    ("calibrated", ["canonicalize", "insert calibration slots", "profile layers", "RL selection",
+                    "fine-tune for calibration", "deploy"]),
+    ("raw", ["canonicalize", "fine-tune", "insert calibration slots", "profile layers", "RL selection", "deploy"]),
+])
+def test_a_calibrated_compile_fine_tunes_when_asked(digits, finetune, stages):
+    model, x, y = digits
+    result = compile(model, x, y, small(calibration_finetune=finetune), progress=False, log=lambda _: None)
+    assert list(result.seconds) == stages
 
 
 def test_compile_with_trained_compensation_runs_the_papers_stages(digits):
@@ -156,6 +168,8 @@ def test_compile_fills_in_the_fields_its_options_decide_and_keeps_the_rest():
      "FinetuneConfig.lipschitz="),
     (CompileOptions(DEVICE, train=CompensationConfig(seed=1)), "CompensationConfig.seed=1"),
     (CompileOptions(DEVICE, train=CompensationConfig(feature_weight=0.5)), "CompileOptions.noise_injection"),
+    (CompileOptions(DEVICE, calibration_finetune="always"),
+     "calibration fine-tune 'always': expected one of none, calibrated, raw"),
 ])
 def test_compile_refuses_a_config_field_its_options_decide_otherwise(digits, options, culprit):
     model, x, y = digits
