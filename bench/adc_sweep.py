@@ -7,8 +7,8 @@ weights varied log-normally. On the test set, over the same ``--samples`` chips 
 ``B``:
 
 - original: the model as shipped, on these chips;
-- compiled: ``rrcompile compile`` for this device (fine-tune with the ADCs' straight-through
-  gradient, RL-chosen calibration slots), its chips raw;
+- compiled: ``rrcompile compile`` for this device with its defaults (RL-chosen calibration slots
+  scored on calibrated chips through the ADCs; no fine-tune), its chips raw;
 - compiled + calibrated: the same chips, each calibrated on 256 unlabeled training images;
 
 and the ADC energy per inference from the deployed graph's hardware report (``E = FOM * 2^B`` per
@@ -128,7 +128,8 @@ def main() -> int:
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: the benchmark's)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of any training compile runs (default: the benchmark's; none with its defaults)")
     parser.add_argument("--episodes", type=int, default=CompileOptions.episodes)
     parser.add_argument("--rl-chips", type=int, default=CompileOptions.rl_chips)
     parser.add_argument("--rl-images", type=int, default=CompileOptions.rl_images)

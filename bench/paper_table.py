@@ -5,15 +5,15 @@ For each model and log-normal sigma, on the test set over the same ``--samples``
 - original: the canonical model as shipped;
 - Lipschitz: fine-tuned with the spectral Lipschitz penalty on exact weights (``rrcompile finetune``);
 - noise injection: fine-tuned on a fresh chip per mini-batch, same epochs (the standard remedy);
-- noise injection + calibrated: that model given calibration slots (ranks chosen by the agent,
-  ``compile`` without its fine-tune), every chip calibrated on 256 unlabeled training images;
-- compiled: ``rrcompile compile`` (Lipschitz on sampled chips + RL-chosen calibration slots), its
-  chips uncalibrated, with its extra weights and wall time;
+- noise injection + calibrated: that model compiled (``compile``'s defaults: calibration slots at
+  the ranks the agent chooses, no fine-tune), every chip calibrated on 256 unlabeled training images;
+- compiled: ``rrcompile compile`` of the model as shipped, the same way, its chips uncalibrated,
+  with its extra weights and wall time;
 - compiled + calibrated: the same chips, each calibrated as it would be at bring-up.
 Every column is evaluated on the same chips.
 
-Every method fine-tunes for the benchmark's own epochs: 5 on the MNIST-sized sets; 30, with a
-longer patience, on digits (1,437 training images, about 11 steps an epoch).
+Every method that fine-tunes does so for the benchmark's own epochs: 5 on the MNIST-sized sets;
+30, with a longer patience, on digits (1,437 training images, about 11 steps an epoch).
 Trained models and per-cell results (with every chip's accuracy) are cached under ``--out``, keyed
 by model, sigma, seed, epochs, patience and budget, so a rerun only computes what is missing
 (``--fresh`` recomputes). Prints one Markdown table and writes ``paper_table.json`` and, per
@@ -103,14 +103,11 @@ def cell(cache: Path, fresh: bool, compute) -> dict:
     return result
 
 
-def run_calibrated(method: str, model, x_train, y_train, x_test, y_test, device, epochs: int, patience: int, args,
-                   folder: Path) -> dict:
-    """Compile (its fine-tune on, or off for an already fine-tuned model), then evaluate every chip
-    before and after calibration; the result holds both."""
+def run_calibrated(method: str, model, x_train, y_train, x_test, y_test, device, args, folder: Path) -> dict:
+    """Compile with compile's defaults, then evaluate every chip before and after calibration; the
+    result holds both."""
     started = time.perf_counter()
-    fine_tune = method == "compiled + calibrated"
-    options = CompileOptions(device, finetune=FinetuneConfig(epochs=epochs, patience=patience), budget=args.budget,
-                             seed=args.seed, lipschitz=fine_tune, noise_injection=fine_tune)
+    options = CompileOptions(device, budget=args.budget, seed=args.seed)
     result = compile(model, x_train, y_train, options, progress=False, log=lambda _: None)
     seconds = time.perf_counter() - started
     save_model(result.deployed, folder / f"{method.replace(' ', '_').replace('+', 'plus')}.onnx")
@@ -181,13 +178,13 @@ def main() -> None:
                 file = folder / f"{method.replace(' ', '_').replace('+', 'plus')}.json"
                 if method == "compiled":  # the uncalibrated chips of the compiled + calibrated cell
                     calibrated = cell(folder / "compiled_plus_calibrated.json", args.fresh, lambda: run_calibrated(
-                        "compiled + calibrated", model, x_train, train.y, x_test, test.y, device, epochs,
-                        bench.patience, args, folder))
+                        "compiled + calibrated", model, x_train, train.y, x_test, test.y, device, args, folder))
                     results[method] = {**calibrated["uncalibrated"], "seconds": calibrated["seconds"],
                                        "extra_weights_percent": calibrated["extra_weights_percent"]}
                 elif method == "noise injection + calibrated":
                     results[method] = cell(file, args.fresh, lambda: run_calibrated(
-                        method, load_model(folder / "noise_injection.onnx"), x_train, train.y, x_test, test.y, device, epochs, bench.patience, args, folder))
+                        method, load_model(folder / "noise_injection.onnx"), x_train, train.y, x_test, test.y, device, args,
+                        folder))
                 else:
                     results[method] = cell(file, args.fresh, lambda: run_method(
                         method, model, x_train, train.y, x_test, test.y, device, epochs, bench.patience, args, folder))
