@@ -592,7 +592,9 @@ def _print_compiled(run: _Compiled) -> None:
         print(f"ADCs: {hardware.adc_conversions:,} conversions, {hardware.adc_energy_pj / 1e3:,.3f} nJ per inference; "
               f"{hardware.adc_summary()}")
     if result.selection:
-        scored = "calibrated validation chips, before fine-tuning" if calibrating else "validation chips"
+        scored = "calibrated validation chips" if calibrating else "validation chips"
+        if "fine-tune for calibration" in result.seconds:
+            scored += ", before fine-tuning"
         print(f"\nselection on the {scored} (reward = accuracy - overhead_weight x overhead)")
         print(format_table(["strategy", "ranks" if calibrating else "kept", "val accuracy", "overhead", "reward"], [
             [name, _choice(r, calibrating), percent(r.accuracy), percent(r.overhead),
