@@ -1,7 +1,8 @@
 """The compiler in one screen. Each stage is a pass from ``rrcompile.passes`` or a training step:
 
     model = canonicalize(model)                     # one opset, symbolic batch, fused biases, folded BN
-    model = finetune(model, Lipschitz penalty)      # error suppression on sampled chips (rrcompile.finetune)
+    model = finetune(model, Lipschitz penalty)      # error suppression on sampled chips (rrcompile.finetune):
+                                                    # trained compensation, or calibration_finetune="raw"
   calibrated compensation (the default), which fine-tunes nothing unless options.calibration_finetune says:
     model = InsertCompensationCandidatesPass(calibrated)  # a calibration slot per analog layer, largest rank
     (model = fit_projections(model, device, x))     # only for projections fixed at compile time
