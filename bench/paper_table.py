@@ -21,6 +21,7 @@ model, ``<model>.sigma.png`` (accuracy against sigma per method).
 
     python bench/paper_table.py                                # every model whose files exist
     python bench/paper_table.py --models digits --sigmas 0.5   # one cell row, fast
+    python bench/paper_table.py --workers 2                    # every cell's chips on a local Ray of 2 workers
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from rrcompile.calibrate import CalibratedEvaluator
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
 from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io
+from rrcompile.executor import ChipExecutor, chip_executor
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.io import atomic_write, load_model, save_model
 from rrcompile.lipschitz import LipschitzPenalty
@@ -103,17 +105,18 @@ def cell(cache: Path, fresh: bool, compute) -> dict:
     return result
 
 
-def run_calibrated(method: str, model, x_train, y_train, x_test, y_test, device, args, folder: Path) -> dict:
+def run_calibrated(method: str, model, x_train, y_train, x_test, y_test, device, args, folder: Path,
+                   executor: ChipExecutor) -> dict:
     """Compile with compile's defaults, then evaluate every chip before and after calibration; the
     result holds both."""
     started = time.perf_counter()
     options = CompileOptions(device, budget=args.budget, seed=args.seed)
-    result = compile(model, x_train, y_train, options, progress=False, log=lambda _: None)
+    result = compile(model, x_train, y_train, options, progress=False, log=lambda _: None, executor=executor)
     seconds = time.perf_counter() - started
     save_model(result.deployed, folder / f"{method.replace(' ', '_').replace('+', 'plus')}.onnx")
     started = time.perf_counter()
     raw, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration).evaluate(
-        x_test, y_test, args.samples, args.seed, progress=False)
+        x_test, y_test, args.samples, args.seed, progress=False, executor=executor)
     per_chip = (time.perf_counter() - started) / args.samples
     extra = {"extra_weights_percent": result.hardware.overhead_percent, "seconds": seconds, "ranks": result.ranks,
              "evaluate_seconds_per_chip": per_chip}
@@ -122,7 +125,7 @@ def run_calibrated(method: str, model, x_train, y_train, x_test, y_test, device,
 
 
 def run_method(method: str, model, x_train, y_train, x_test, y_test, device, epochs: int, patience: int, args,
-               folder: Path) -> dict:
+               folder: Path, executor: ChipExecutor) -> dict:
     started = time.perf_counter()
     extra_weights = 0.0
     if method == "original":
@@ -135,7 +138,8 @@ def run_method(method: str, model, x_train, y_train, x_test, y_test, device, epo
     seconds = time.perf_counter() - started
     if method != "original":
         save_model(tuned, folder / f"{method.replace(' ', '_')}.onnx")
-    stats = MonteCarloEvaluator(tuned, device).evaluate(x_test, y_test, args.samples, args.seed, progress=False)
+    stats = MonteCarloEvaluator(tuned, device).evaluate(x_test, y_test, args.samples, args.seed, progress=False,
+                                                        executor=executor)
     return {**stats.summary(), "chips": stats.chip_accuracies, "extra_weights_percent": extra_weights,
             "seconds": seconds if method != "original" else 0.0}
 
@@ -152,7 +156,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "build" / "paper_table"))
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
+    parser.add_argument("--workers", type=int, help="run every cell's chips on a local Ray with this many workers")
+    parser.add_argument("--ray-address", help="run every cell's chips on the Ray cluster at this address")
     args = parser.parse_args()
+    with chip_executor(args.workers, args.ray_address) as executor:
+        run_cells(args, executor)
+
+
+def run_cells(args: argparse.Namespace, executor: ChipExecutor) -> None:
 
     rows, report = [], []
     out = Path(args.out)
@@ -178,16 +189,18 @@ def main() -> None:
                 file = folder / f"{method.replace(' ', '_').replace('+', 'plus')}.json"
                 if method == "compiled":  # the uncalibrated chips of the compiled + calibrated cell
                     calibrated = cell(folder / "compiled_plus_calibrated.json", args.fresh, lambda: run_calibrated(
-                        "compiled + calibrated", model, x_train, train.y, x_test, test.y, device, args, folder))
+                        "compiled + calibrated", model, x_train, train.y, x_test, test.y, device, args, folder,
+                        executor))
                     results[method] = {**calibrated["uncalibrated"], "seconds": calibrated["seconds"],
                                        "extra_weights_percent": calibrated["extra_weights_percent"]}
                 elif method == "noise injection + calibrated":
                     results[method] = cell(file, args.fresh, lambda: run_calibrated(
                         method, load_model(folder / "noise_injection.onnx"), x_train, train.y, x_test, test.y, device, args,
-                        folder))
+                        folder, executor))
                 else:
                     results[method] = cell(file, args.fresh, lambda: run_method(
-                        method, model, x_train, train.y, x_test, test.y, device, epochs, bench.patience, args, folder))
+                        method, model, x_train, train.y, x_test, test.y, device, epochs, bench.patience, args, folder,
+                        executor))
                 curves[method][sigma] = ChipStats(results[method]["clean_accuracy"], results[method]["chips"])
                 print(f"{name} sigma={sigma:g} {method}: mean {percent(results[method]['mean'])}", flush=True)
             report.append({"model": name, "sigma": sigma, "epochs": epochs,
