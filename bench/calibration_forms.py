@@ -63,7 +63,7 @@ def main() -> None:
     loaded = load_benchmark(args.model)
     if loaded is None:
         raise SystemExit(f"{MODELS[args.model][0]} or its data is missing")
-    model, x_train, x_test, test = loaded
+    model, x_train, _, x_test, test = loaded
     device = parse_device(f"lognormal:sigma={args.sigma}")
     layers = analog_layers(model)
     ranks = dict(zip((layer.node for layer in layers), map(int, args.ranks.split(","))))

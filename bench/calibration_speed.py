@@ -18,12 +18,15 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
+import numpy as np
+import onnx
 import torch
 
 from rrcompile.calibrate import Calibrator, SimulatedChip, fit_projections
-from rrcompile.data import Preprocess, fit_to_input, load_data
-from rrcompile.devices import parse_device
+from rrcompile.data import Dataset, Preprocess, fit_to_input, load_data
+from rrcompile.devices import DeviceConfig, parse_device
 from rrcompile.evaluate import MonteCarloEvaluator, model_io
 from rrcompile.io import load_model
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
@@ -39,18 +42,46 @@ MODELS = {  # name: (model, data spec, mean, std)
 }
 
 
-def load_benchmark(name: str):
-    """(canonical model, 2,000 prepared training images, prepared test images, the test set), or
-    None when the model or its data is missing."""
+class Benchmark(NamedTuple):
+    model: onnx.ModelProto  # canonical
+    x_train: np.ndarray  # the first training images, prepared
+    y_train: np.ndarray
+    x_test: np.ndarray  # every test image, prepared
+    test: Dataset
+
+
+def load_benchmark(name: str, train_images: int = 2000) -> Benchmark | None:
+    """The model and its data (``train_images`` training images), or None when the model or its
+    data is missing."""
     path, spec, mean, std = MODELS[name]
     if not path.exists() or (":" in spec and not Path(spec.split(":", 1)[1]).exists()):
         return None
     model = canonicalize(load_model(path))
     input_name, input_shape = model_io(model)
     preprocess = Preprocess.parse("255", mean, std)
-    train, test = load_data(spec, "train"), load_data(spec, "test")
-    x_train = fit_to_input(preprocess.apply(train.x[:2000]), input_name, input_shape)
-    return model, x_train, fit_to_input(preprocess.apply(test.x), input_name, input_shape), test
+    train, test = load_data(spec, "train").subset(train_images), load_data(spec, "test")
+    return Benchmark(model, fit_to_input(preprocess.apply(train.x), input_name, input_shape), train.y,
+                     fit_to_input(preprocess.apply(test.x), input_name, input_shape), test)
+
+
+def available_benchmarks(names: list[str], train_images: int = 2000) -> Iterator[tuple[str, Benchmark]]:
+    """(name, benchmark) of each of ``names`` whose model and data exist; the others are named as skipped."""
+    for name in names:
+        loaded = load_benchmark(name, train_images)
+        if loaded is None:
+            print(f"skipping {name}: {MODELS[name][0]} or its data is missing")
+            continue
+        yield name, loaded
+
+
+def slotted_at_budget(model: onnx.ModelProto, device: DeviceConfig, x_train: np.ndarray, budget: float,
+                      seed: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """``model`` with a calibration slot per layer at the largest rank ``budget`` allows it
+    (``pipeline.calibration_ranks``: an upper bound on what a compiled model carries), its
+    projections fitted on ``x_train``; and those ranks."""
+    ranks = calibration_ranks(model, budget)
+    slotted = InsertCompensationCandidatesPass(ranks=ranks, calibrated=True)(model).model
+    return fit_projections(slotted, device, x_train, seed=seed), ranks
 
 
 def main() -> None:
@@ -65,15 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     device = parse_device(args.device)
     rows, results = [], {}
-    for name in args.models.split(","):
-        loaded = load_benchmark(name)
-        if loaded is None:
-            print(f"skipping {name}: {MODELS[name][0]} or its data is missing")
-            continue
-        model, x_train, x_test, test = loaded
-        ranks = calibration_ranks(model, args.budget)
-        slotted = InsertCompensationCandidatesPass(ranks=ranks, calibrated=True)(model).model
-        slotted = fit_projections(slotted, device, x_train, seed=args.seed)
+    for name, (model, x_train, _, x_test, test) in available_benchmarks(args.models.split(",")):
+        slotted, ranks = slotted_at_budget(model, device, x_train, args.budget, args.seed)
         calibrator = Calibrator(slotted)
         evaluator = MonteCarloEvaluator(slotted, device)
         x_calibration = x_train[:args.images]

@@ -33,19 +33,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from calibration_speed import MODELS, load_benchmark  # noqa: E402
+from calibration_speed import available_benchmarks, slotted_at_budget  # noqa: E402
 
-from rrcompile.calibrate import Calibrator, SimulatedChip, fit_projections  # noqa: E402
-from rrcompile.data import Preprocess, fit_to_input, load_data  # noqa: E402
+from rrcompile.calibrate import Calibrator, SimulatedChip  # noqa: E402
 from rrcompile.devices import parse_device  # noqa: E402
-from rrcompile.evaluate import CUDA_PROVIDER, MonteCarloEvaluator, model_io  # noqa: E402
+from rrcompile.evaluate import MonteCarloEvaluator  # noqa: E402
 from rrcompile.finetune import FinetuneConfig, finetune  # noqa: E402
-from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass  # noqa: E402
-from rrcompile.pipeline import calibration_ranks  # noqa: E402
 from rrcompile.report import format_table, write_json  # noqa: E402
 
 BUDGET = 0.03
 CALIBRATION_IMAGES = 256
+PROJECTION_IMAGES = 2000  # the training images the slots' compile-time projections are fitted on
 
 
 def _timed(call) -> tuple[float, object]:
@@ -107,25 +105,17 @@ def main() -> int:
                f"onnxruntime {ort.__version__} (providers {', '.join(ort.get_available_providers())})")
     print(machine, flush=True)
     results, rows = {}, []
-    for name in args.models.split(","):
-        loaded = load_benchmark(name)
-        if loaded is None:
-            print(f"skipping {name}: {MODELS[name][0]} or its data is missing")
-            continue
-        model, x_few, x_test, test = loaded
-        _, spec, mean, std = MODELS[name]
-        train = load_data(spec, "train").subset(args.train_images)
-        input_name, input_shape = model_io(model)
-        x_train = fit_to_input(Preprocess.parse("255", mean, std).apply(train.x), input_name, input_shape)
-        slotted = InsertCompensationCandidatesPass(ranks=calibration_ranks(model, BUDGET), calibrated=True)(model).model
-        slotted = fit_projections(slotted, device, x_few, seed=0)
+    for name, (model, x_train, y_train, x_test, test) in available_benchmarks(args.models.split(","),
+                                                                              args.train_images):
+        x_few = x_train[:PROJECTION_IMAGES]
+        slotted, _ = slotted_at_budget(model, device, x_few, BUDGET, seed=0)
         per_type = {}
         for device_type in device_types:
             print(f"{name}, {device_type} ...", flush=True)
             per_type[device_type] = {
                 "monte_carlo": monte_carlo(model, device, x_test, test.y, args.chips, device_type, args.batch_size),
                 "calibration": calibration(slotted, device, x_few[:CALIBRATION_IMAGES], args.chips, device_type),
-                "finetune_epoch": finetune_epoch(model, device, x_train, train.y, device_type),
+                "finetune_epoch": finetune_epoch(model, device, x_train, y_train, device_type),
             }
         results[name] = per_type
         first = per_type[device_types[0]]
