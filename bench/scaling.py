@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from rrcompile.data import Preprocess, fit_to_input, load_data  # noqa: E402
 from rrcompile.devices import parse_device  # noqa: E402
-from rrcompile.evaluate import MonteCarloEvaluator  # noqa: E402
+from rrcompile.evaluate import MonteCarloEvaluator, share_threads  # noqa: E402
 from rrcompile.executor import IN_PROCESS, RayExecutor  # noqa: E402
 from rrcompile.finetune import FinetuneConfig  # noqa: E402
 from rrcompile.graph import analog_layers, macs_per_sample, model_io, tensor_shapes  # noqa: E402
@@ -267,6 +267,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> int:
+    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, measures nothing")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
