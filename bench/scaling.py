@@ -197,6 +197,7 @@ def measure_model(name: str, settings: dict, queue) -> None:
     """One model in its own process: its timings and peak memory go back on ``queue``."""
     from rrcompile.pipeline import CompileOptions, compile
 
+    share_threads()  # a spawned interpreter: sessions on a pool of their own until it says so
     spec = MODELS[name]
     test_images = settings["test"].get(name, settings.get("default_test"))
     chips = settings["chips"].get(name, settings["default_chips"])
@@ -267,13 +268,13 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> int:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, measures nothing")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--no-workers", action="store_true", help="skip the Ray workers comparison")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for scaling.json and .png")
     args = parser.parse_args()
+    share_threads()  # every onnxruntime session of this process is rrcompile's
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
