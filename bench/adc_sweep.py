@@ -38,7 +38,7 @@ from rrcompile.compensation_training import CompensationConfig
 from rrcompile.crossbar import ADC_IMAGES, with_adc_ranges
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io, share_threads
+from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io
 from rrcompile.finetune import FinetuneConfig
 from rrcompile.io import atomic_write, load_model
 from rrcompile.pipeline import CompileOptions, canonicalize, compile
@@ -121,7 +121,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> int:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lenet5-mnist", "vgg-fashion"], choices=sorted(BENCHMARKS))
     parser.add_argument("--bits", type=int, nargs="+", default=list(range(4, 11)))

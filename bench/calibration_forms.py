@@ -31,7 +31,7 @@ import torch
 
 from rrcompile.calibrate import CalibrationConfig, Calibrator, SimulatedChip, fit_projections
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, share_threads
+from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.graph import analog_layers
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.report import format_table, percent, write_json
@@ -48,7 +48,6 @@ FORMS = {
 
 
 def main() -> None:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet5-mnist", choices=sorted(MODELS))
     parser.add_argument("--sigma", type=float, default=0.5)

@@ -27,7 +27,7 @@ import torch
 from rrcompile.calibrate import Calibrator, SimulatedChip, fit_projections
 from rrcompile.data import Dataset, Preprocess, fit_to_input, load_data
 from rrcompile.devices import DeviceConfig, parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, model_io, share_threads
+from rrcompile.evaluate import MonteCarloEvaluator, model_io
 from rrcompile.io import load_model
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import calibration_ranks, canonicalize
@@ -85,7 +85,6 @@ def slotted_at_budget(model: onnx.ModelProto, device: DeviceConfig, x_train: np.
 
 
 def main() -> None:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--device", default="lognormal:sigma=0.5")

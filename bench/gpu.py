@@ -37,7 +37,7 @@ from calibration_speed import available_benchmarks, slotted_at_budget  # noqa: E
 
 from rrcompile.calibrate import Calibrator, SimulatedChip  # noqa: E402
 from rrcompile.devices import parse_device  # noqa: E402
-from rrcompile.evaluate import MonteCarloEvaluator, share_threads  # noqa: E402
+from rrcompile.evaluate import MonteCarloEvaluator  # noqa: E402
 from rrcompile.finetune import FinetuneConfig, finetune  # noqa: E402
 from rrcompile.report import format_table, write_json  # noqa: E402
 
@@ -86,7 +86,6 @@ def finetune_epoch(model, device, x, y, device_type: str) -> dict:
 
 
 def main() -> int:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet5-mnist,vgg-fashion")
     parser.add_argument("--device", default="lognormal:sigma=0.5")

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from rrcompile.data import Preprocess, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, share_threads
+from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.io import load_model
 from rrcompile.pipeline import canonicalize
 
@@ -28,7 +28,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "lenet5_mnist.onnx"))
     parser.add_argument("--data", default=f"mnist:{SHARED / 'mnist'}")

@@ -38,7 +38,7 @@ import torch
 from rrcompile.calibrate import CalibratedEvaluator
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io, share_threads
+from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io
 from rrcompile.executor import ChipExecutor, chip_executor
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.io import atomic_write, load_model, save_model
@@ -145,7 +145,6 @@ def run_method(method: str, model, x_train, y_train, x_test, y_test, device, epo
 
 
 def main() -> None:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
     parser.add_argument("--sigmas", default="0.3,0.5,0.7")

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from rrcompile.data import Preprocess, fit_to_input, load_data  # noqa: E402
 from rrcompile.devices import parse_device  # noqa: E402
-from rrcompile.evaluate import MonteCarloEvaluator, share_threads  # noqa: E402
+from rrcompile.evaluate import MonteCarloEvaluator  # noqa: E402
 from rrcompile.executor import IN_PROCESS, RayExecutor  # noqa: E402
 from rrcompile.finetune import FinetuneConfig  # noqa: E402
 from rrcompile.graph import analog_layers, macs_per_sample, model_io, tensor_shapes  # noqa: E402
@@ -197,7 +197,6 @@ def measure_model(name: str, settings: dict, queue) -> None:
     """One model in its own process: its timings and peak memory go back on ``queue``."""
     from rrcompile.pipeline import CompileOptions, compile
 
-    share_threads()  # a spawned interpreter: sessions on a pool of their own until it says so
     spec = MODELS[name]
     test_images = settings["test"].get(name, settings.get("default_test"))
     chips = settings["chips"].get(name, settings["default_chips"])
@@ -274,7 +273,6 @@ def main() -> int:
     parser.add_argument("--no-workers", action="store_true", help="skip the Ray workers comparison")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for scaling.json and .png")
     args = parser.parse_args()
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
     if unknown:

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from rrcompile.data import Preprocess, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, share_threads
+from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import analog_layers
 from rrcompile.io import load_model, save_model
@@ -42,7 +42,6 @@ def spectral_product(model) -> float:
 
 
 def main() -> None:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "lenet5_mnist.onnx"))
     parser.add_argument("--data", default=f"mnist:{SHARED / 'mnist'}")

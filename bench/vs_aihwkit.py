@@ -41,7 +41,7 @@ import torch
 from rrcompile.crossbar import ADC_IMAGES, with_adc_ranges
 from rrcompile.data import Preprocess, batches, fit_to_input, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, model_io, share_threads
+from rrcompile.evaluate import MonteCarloEvaluator, model_io
 from rrcompile.finetune import FinetuneConfig, finetune, logits_model, split_validation
 from rrcompile.io import load_model
 from rrcompile.pipeline import CompileOptions, canonicalize, compile
@@ -176,7 +176,6 @@ def hwa_train(model, x: np.ndarray, y: np.ndarray, weight_std: float, epochs: in
 
 
 def main() -> None:
-    share_threads()  # every onnxruntime session of this process is rrcompile's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--chips", type=int, default=20, help="chips per simulator and round in the timing")

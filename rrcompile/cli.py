@@ -31,7 +31,7 @@ from rrcompile.deploy import compiled_device, deploy
 from rrcompile.crossbar import ADC_IMAGES, adc_range_shapes, needs_adc_ranges, untile, with_adc_ranges
 from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
-from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, share_threads, sigma_sweep
+from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
 from rrcompile.executor import ChipExecutor, chip_executor
 from rrcompile.finetune import FinetuneConfig, finetune
 from rrcompile.graph import (
@@ -904,12 +904,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def entry() -> int:
-    """The ``rrcompile`` command: :func:`main` in a process whose onnxruntime sessions are all
-    rrcompile's, so that they can share one thread pool (:func:`rrcompile.evaluate.share_threads`)."""
-    share_threads()
-    return main()
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

@@ -446,7 +446,8 @@ def adc_ranges(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, *, b
     """The ADC full scale of every layer with an ADC term (by node name, ``[M, T]``): per tile and
     column block, the ``range``-th percentile of ``|P_t|``, the clean network's partial sums on
     images ``x`` (prepared for the model's input; the training images, never the test set)."""
-    from rrcompile.evaluate import make_session  # the evaluator reads this module: imported when needed
+    import onnxruntime as ort
+
     from rrcompile.graph import model_io
     from rrcompile.passes.insert_variation import InsertVariationPass
 
@@ -465,7 +466,9 @@ def adc_ranges(model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, *, b
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_tensor_value_info(f"{layer}.tile_outputs", onnx.TensorProto.FLOAT, None)
                               for layer in wanted)
-    session = make_session(probe)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_name = model_io(probe)[0]
     collected: dict[str, list[np.ndarray]] = {layer: [] for layer in wanted}
     for start in range(0, len(x), batch_size):

@@ -34,7 +34,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 
 from rrcompile.data import batches, fit_to_input
 from rrcompile import crossbar
@@ -56,14 +55,12 @@ _threads = 0  # intra-op threads of each onnxruntime session; 0: onnxruntime's d
 def use_threads(count: int) -> None:
     """Keep this process's onnxruntime sessions to ``count`` threads: a Ray worker that shares the
     machine with others takes its own share of the cores, not all of them each. (Torch follows
-    ``OMP_NUM_THREADS``, which Ray sets to a worker's CPUs.) Before :func:`share_threads`: the
-    shared pool keeps the size it was made with."""
+    ``OMP_NUM_THREADS``, which Ray sets to a worker's CPUs.)"""
     global _threads
     _threads = count
 
 
-_arena_shared = False  # whether this process registered its CPU arena with onnxruntime
-_threads_shared = False  # whether this process's sessions run on onnxruntime's global thread pool
+_shared_arena = False  # whether this process registered its CPU arena with onnxruntime
 
 
 def _share_arena() -> None:
@@ -73,48 +70,21 @@ def _share_arena() -> None:
     LeNet-5, 5 runs alternated on 2 loaded cores: Monte Carlo / clean throughput 0.79 mean with
     per-session arenas, 0.91 shared, higher in every pair. The arena keeps its high-water mark
     until the process ends."""
-    global _arena_shared
-    if not _arena_shared:
+    global _shared_arena
+    if not _shared_arena:
         cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))  # onnxruntime's defaults
-        _arena_shared = True
-
-
-def share_threads() -> None:
-    """Run the onnxruntime sessions this process makes from now on on one process-wide intra-op
-    pool of ``use_threads`` threads (onnxruntime's global pool, made here once).
-
-    With a pool per session every chip pays twice: its session starts threads of its own, and
-    the threads of the session before it, still spinning after their last run, compete with them
-    for the cores. LeNet-5, batch 500, 2 idle cores, 15 chips each followed by a clean pass: a
-    chip's first pass took 115 ms with a pool per session and 93-98 ms on the shared pool, against
-    89-93 ms for a second pass of the same session; the clean pass after it 114 ms against 91-95 ms.
-
-    Once the pool exists, onnxruntime refuses every session in the process that asks for threads
-    of its own, whoever makes it. So only a process whose sessions are all rrcompile's calls this:
-    the ``rrcompile`` command, the Ray workers and the benchmarks. A program that uses the
-    library next to sessions of its own keeps a pool per session unless it calls this itself.
-    """
-    global _threads_shared
-    if not _threads_shared:
-        try:
-            ort.set_global_thread_pool_sizes(_threads, 1)
-        except OrtFail:  # made before in this process: onnxruntime makes it once, and then so be it
-            pass
-        _threads_shared = True
+        _shared_arena = True
 
 
 def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    if _threads_shared:
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = _threads
+    options.intra_op_num_threads = _threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # ORT warns about noise inputs a sigma=0 graph never reads
     # memory patterns stay on (the default) even for a chip's session, which lives for one pass:
-    # Monte Carlo / clean throughput of LeNet-5 on 2 idle cores, 0.92-0.94 with them against
-    # 0.90-0.92 without on the shared pool (5 pairs), 0.90 against 0.86 with a pool per session
+    # Monte Carlo / clean throughput (bench/mc_throughput.py, LeNet-5, 2 idle cores) 0.90 with them
+    # against 0.85-0.86 without, in alternated pairs
     if short_lived:
         _share_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")

@@ -112,10 +112,9 @@ class _Worker:
     """A Ray actor: holds the ``fn`` of the current map, loaded once, and runs it on chips."""
 
     def __init__(self) -> None:
-        from rrcompile.evaluate import share_threads, use_threads
+        from rrcompile.evaluate import use_threads
 
         use_threads(1)  # one CPU per worker (``num_cpus=1``)
-        share_threads()  # a worker's sessions are all rrcompile's
         self._fn: Callable[[int], Any] | None = None
 
     def load(self, fn: Callable[[int], Any]) -> None:

@@ -1,7 +1,6 @@
 """Monte Carlo evaluator: chip semantics, seeded reproducibility, and the programmed weights."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -129,35 +128,3 @@ def test_gpu_sessions_use_onnxruntime_cuda_when_present_else_the_torch_executor(
     evaluate.make_session(model, "auto")
     evaluate.make_session(model, "cpu")
     assert built == [("torch", "cuda"), [evaluate.CUDA_PROVIDER, "CPUExecutionProvider"], ["CPUExecutionProvider"]]
-
-
-SHARED_POOL_RUN = """
-import json, sys
-import onnx
-from rrcompile.data import Preprocess, load_data
-from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator, share_threads
-from rrcompile.pipeline import canonicalize
-
-share_threads()
-model = canonicalize(onnx.load(sys.argv[1]))
-data = load_data("digits", "test").subset(120)
-x = Preprocess.parse("255", "0", "1").apply(data.x)
-print(json.dumps({spec: MonteCarloEvaluator(model, parse_device(spec), adc_images=x).chip_accuracies(
-    x, data.y, 4, 0, progress=False) for spec in sys.argv[2:]}))
-"""
-
-
-def test_chips_on_the_shared_thread_pool_equal_chips_on_their_own_pools(digits):
-    """share_threads (the rrcompile command's setting) changes where sessions run, never what a
-    chip computes; every kind of session the evaluator makes is built under it (in a fresh
-    process: onnxruntime's global pool cannot be undone)."""
-    model, x, y = digits
-    specs = ["lognormal:sigma=0.5", "lognormal:sigma=0.3+read:eta=0.02", "tile:size=16+adc:bits=6+lognormal:sigma=0.5"]
-    result = subprocess.run([sys.executable, "-c", SHARED_POOL_RUN, str(DIGITS_MODEL), *specs],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    shared = json.loads(result.stdout)
-    for spec in specs:
-        own = MonteCarloEvaluator(model, parse_device(spec), adc_images=x).chip_accuracies(x, y, 4, 0, progress=False)
-        assert shared[spec] == own, spec
