@@ -9,7 +9,9 @@ A chip is *programmed* once, as the hardware is: the variation subgraph of the v
 ``ai.rrcompile`` function chains) runs once on the chip's noise to give its weights, which then
 become constant initializers of a per-chip onnxruntime session. Constant weights let onnxruntime
 prepack them (NCHWc convolutions), which a weight fed as a run-time input forbids. With read
-noise the weights change on every run, so the varied graph itself runs every batch.
+noise the weights change on every run, so the varied graph itself runs every batch. A chip's
+calibration slots run folded into their programmed layers where that is exact
+(:mod:`rrcompile.slot_folding`): a calibrated chip then costs what the network alone costs.
 
 Chips are independent, so ``chip_accuracies`` and :func:`sigma_sweep` hand them to a
 :class:`~rrcompile.executor.ChipExecutor` (in this process by default, or Ray workers); an
@@ -45,6 +47,7 @@ from rrcompile.graph import (
     AnalogLayer, analog_layers, export_graph, import_graph, model_io, remove_unused_functions, with_initializers,
 )
 from rrcompile.passes.insert_variation import InsertVariationPass
+from rrcompile.slot_folding import FoldedSlots
 
 YIELD_FRACTION = 0.95  # a chip "yields" if it keeps this fraction of the clean accuracy
 BATCH_SIZE = 500  # images per onnxruntime run: inference only, so larger than a training mini-batch
@@ -153,6 +156,12 @@ def split_programming(varied: onnx.ModelProto, data_input: str) -> tuple[onnx.Mo
     return program, chip
 
 
+def _folded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its calibration slots, at the parameters it holds, folded into their layers."""
+    folding = FoldedSlots(model)
+    return with_initializers(folding.model, folding.values({})) if folding.folds else model
+
+
 def draw_chip(varied: onnx.ModelProto, seed: int, chip: int) -> dict[str, np.ndarray]:
     """The per-chip noise tensors of chip ``chip`` of run ``seed`` for varied model ``varied``:
     the one definition of a chip, shared by the Monte Carlo evaluator and calibration."""
@@ -216,17 +225,19 @@ class MonteCarloEvaluator:
     A device with an ``adc`` term needs the ADC ranges (:func:`rrcompile.crossbar.adc_ranges`):
     given as ``adc_ranges``, or fixed here from ``adc_images`` (training images, prepared).
     ``device_type`` is where inference runs (``cpu``, ``cuda``, ``auto``; see the module docstring).
+    ``fold_slots``: chips run their calibration slots folded into their layers (a caller that feeds
+    the slots' gates at run time needs them as they are).
     """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, *, batch_size: int = BATCH_SIZE,
                  adc_images: np.ndarray | None = None, adc_ranges: Mapping[str, np.ndarray] | None = None,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", fold_slots: bool = True):
         self.input_name, self.input_shape = model_io(model)
         self.batch_size, self.device_type = batch_size, device_type
-        self.clean_session = make_session(model, device_type)
+        self.clean_session = make_session(_folded(model) if fold_slots else model, device_type)
         self.adc_ranges = _ranges(model, device, adc_images, adc_ranges)
         self._recipe = dict(model=model, device=device, batch_size=batch_size, adc_ranges=self.adc_ranges,
-                            device_type=device_type)
+                            device_type=device_type, fold_slots=fold_slots)
         varied = InsertVariationPass(device, self.adc_ranges)(model)
         self.varied_model = varied.model
         self.noise = noise_inputs(self.varied_model)
@@ -237,11 +248,16 @@ class MonteCarloEvaluator:
         if self.read_noise:
             self.varied_session = make_session(self.varied_model, device_type)
         elif not self.exact:
-            program, self.chip_model = split_programming(self.varied_model, self.input_name)
+            program, chip_model = split_programming(self.varied_model, self.input_name)
             # tiles or ADCs and no weight effect: nothing to program, every chip is the chip model
             self.program_session = make_session(program) if program.graph.output else None
-            by_name = {t.name: t for t in self.chip_model.graph.initializer}
-            self.programmed_initializers = [by_name[o.name] for o in program.graph.output]
+            self.programmed = [o.name for o in program.graph.output]
+            # a chip runs with its calibration slots folded into their layers: at the layers' cost
+            self.folded = FoldedSlots(chip_model) if fold_slots else None
+            if self.folded is not None and self.folded.folds:
+                chip_model = self.folded.model
+            self.chip_model = chip_model
+            self._initializers = {t.name: t for t in self.chip_model.graph.initializer}
 
     def __getstate__(self) -> dict:
         # sessions do not pickle: the evaluator travels as what builds it (to a Ray worker, once per map)
@@ -284,11 +300,16 @@ class MonteCarloEvaluator:
             session = self.varied_session if not digital else self._short_lived(with_initializers(self.varied_model, digital))
             return session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
         programmed = self.program_session.run(None, feed) if self.program_session is not None else []
-        for initializer, weight in zip(self.programmed_initializers, programmed):
-            initializer.raw_data = weight.astype(np.float32, copy=False).tobytes()
+        weights, absorbed = dict(zip(self.programmed, programmed)), set()
+        if self.folded is not None and self.folded.folds:
+            weights.update(self.folded.values(weights, digital))
+            absorbed = self.folded.absorbed
         # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
         # the model's own initializer data, so an override gives wrong results
-        return self._short_lived(with_initializers(self.chip_model, digital) if digital else self.chip_model), dict
+        for name, weight in weights.items():
+            self._initializers[name].raw_data = weight.astype(np.float32, copy=False).tobytes()
+        unfolded = {name: value for name, value in (digital or {}).items() if name not in absorbed}
+        return self._short_lived(with_initializers(self.chip_model, unfolded) if unfolded else self.chip_model), dict
 
     def _short_lived(self, model: onnx.ModelProto):
         return make_session(model, self.device_type, short_lived=True)

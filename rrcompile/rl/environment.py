@@ -80,7 +80,7 @@ class CompensationEnv:
         self.input_name = model_io(model)[0]
         self.candidates = _topological(model, candidates(model))
         self.analog_weights = sum(layer.params for layer in analog_layers(model))
-        self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size)
+        self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size, fold_slots=False)  # gates fed
         self.chips, self.seed = chips, seed
         self._chip_sessions: list | None = None
         self._rewards: dict[tuple[int, ...], tuple[float, float]] = {}
@@ -183,7 +183,8 @@ def _profiles(model, device, found, x, y, chips, seed, all_off, batch_size) -> l
     for candidate in found:
         layer = layers[candidate.layer]
         alone = DeviceConfig([], {layer.node: device.for_layer(layer.node, layer.weight)}, adc_ranges=device.adc_ranges)
-        varied = _mean_chip_accuracy(MonteCarloEvaluator(model, alone, batch_size=batch_size), x, y, chips, seed, all_off)
+        varied = _mean_chip_accuracy(MonteCarloEvaluator(model, alone, batch_size=batch_size, fold_slots=False), x, y,
+                                     chips, seed, all_off)
         attrs = view.nodes[candidate.layer]
         profiles.append(LayerProfile(candidate.layer, attrs["depth"], attrs["op"], attrs["params"], attrs["macs"] or 0,
                                      norms[candidate.layer], clean_accuracy - varied, errors[candidate.layer], candidate))
@@ -195,7 +196,7 @@ def _feature_errors(model, device, found, x, chips, seed, all_off) -> dict[str, 
     probed = onnx.ModelProto.FromString(model.SerializeToString())
     outputs = {c.layer: next(n.output[0] for n in model.graph.node if n.name == c.node) for c in found}
     probed.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs.values())
-    evaluator = MonteCarloEvaluator(probed, device)
+    evaluator = MonteCarloEvaluator(probed, device, fold_slots=False)
     feed = {evaluator.input_name: x, **all_off}
     clean = make_session(probed).run(None, feed)[1:]
     errors = np.zeros(len(found))
