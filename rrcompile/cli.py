@@ -543,13 +543,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep: list[float],
                        executor: ChipExecutor) -> None:
-    """Fill ``run``'s rows and curves: the original and the compiled model over the same chips of the test set."""
+    """Fill ``run``'s rows and curves: the original and the compiled model over the same chips of the
+    test set. When compile left the network as given, the compiled model's uncalibrated chips are
+    the original's: they are measured once and reported as both."""
     args, device, result, y_test = run.args, run.device, run.result, run.test.y
     on = dict(device_type=args.device_type)  # where every evaluator of the report runs
     chips = dict(progress=args.progress, executor=executor)  # and who runs its chips
     started = time.perf_counter()
-    run.rows["original"] = MonteCarloEvaluator(original, device, **on).evaluate(x_test, y_test, args.samples, args.seed,
-                                                                                **chips)
+    if not result.network_as_given:
+        run.rows["original"] = MonteCarloEvaluator(original, device, **on).evaluate(x_test, y_test, args.samples,
+                                                                                    args.seed, **chips)
     if run.calibrating:
         run.rows["compiled"], run.rows["compiled + calibrated"] = CalibratedEvaluator(
             result.model, device, result.x_calibration, **on).evaluate(x_test, y_test, args.samples, args.seed, **chips)
@@ -557,8 +560,9 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
         run.rows["compiled"] = MonteCarloEvaluator(result.model, device, **on).evaluate(x_test, y_test, args.samples,
                                                                                         args.seed, **chips)
     if sweep:
-        run.curves["original"] = sigma_sweep(original, device, sweep, x_test, y_test, args.sweep_samples, args.seed,
-                                             **on, **chips)
+        if not result.network_as_given:
+            run.curves["original"] = sigma_sweep(original, device, sweep, x_test, y_test, args.sweep_samples,
+                                                 args.seed, **on, **chips)
         if run.calibrating:
             run.curves["compiled"], run.curves["compiled + calibrated"] = calibrated_sigma_sweep(
                 result.model, device, sweep, result.x_calibration, x_test, y_test, args.sweep_samples,
@@ -566,6 +570,10 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
         else:
             run.curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, y_test, args.sweep_samples,
                                                  args.seed, **on, **chips)
+    if result.network_as_given:
+        run.rows = {"original": run.rows["compiled"], **run.rows}
+        if sweep:
+            run.curves = {"original": run.curves["compiled"], **run.curves}
     run.report_seconds = time.perf_counter() - started
 
 
@@ -580,6 +588,9 @@ def _print_compiled(run: _Compiled) -> None:
             [label, percent(s.clean_accuracy), percent(s.mean), percent(s.p5), percent(s.worst), percent(s.yield_)]
             for label, s in run.rows.items()
         ]))
+        if result.network_as_given:
+            print("compile left the network's weights as given: the compiled chips, uncalibrated, are the "
+                  "original's (measured once)")
     if calibrating:
         print(f"calibration slots (rank): {', '.join(f'{layer} ({rank})' for layer, rank in result.ranks.items())}; "
               f"each chip calibrated on {len(result.x_calibration)} unlabeled train images, "
@@ -613,6 +624,7 @@ def _compiled_report(run: _Compiled) -> dict:
         "seed": args.seed, "options": _options(args),
         **({"before": rows["original"].summary(), "after": rows["compiled"].summary()} if rows else {}),
         **({"calibrated": rows["compiled + calibrated"].summary()} if rows and run.calibrating else {}),
+        "network_as_given": result.network_as_given,
         "kept": result.kept, **({"ranks": result.ranks, "calibration_images": len(result.x_calibration)}
                                 if run.calibrating else {}),
         "hardware": result.hardware.to_dict(), "seconds": result.seconds, "compile_seconds": run.compile_seconds,

@@ -118,6 +118,10 @@ class CompileResult:
     kept: list[str]
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # calibration slots: layer -> rank
     x_calibration: np.ndarray | None = None  # the images the compiler calibrated its validation chips on
+    # compile changed no weight of the network: nothing was fine-tuned and nothing trained is added
+    # (calibration slots are identities until a chip is calibrated), so chip k of the compiled
+    # model, uncalibrated, computes what chip k of the original does (the report measures it once)
+    network_as_given: bool = False
 
 
 def calibration_ranks(model: onnx.ModelProto, budget: float, projection: str = "chip") -> dict[str, int]:
@@ -291,4 +295,6 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
     deployed, hardware = stage("deploy", lambda: deploy(
         model, options.tile, device=options.device, calibration_images=len(x_calibration) if calibrating else None,
         calibration_seconds=calibration_seconds))
-    return CompileResult(model, deployed, hardware, seconds, selection, kept, ranks, x_calibration)
+    trained_compensation = options.compensation and not calibrating
+    return CompileResult(model, deployed, hardware, seconds, selection, kept, ranks, x_calibration,
+                         network_as_given=not fine_tune and not trained_compensation)

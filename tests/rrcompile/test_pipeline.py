@@ -16,6 +16,7 @@ from rrcompile.compensation import candidates
 from rrcompile.data import load_data
 from rrcompile.deploy import compiled_device
 from rrcompile.devices import is_variation, parse_device
+from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.errors import OptionError
 from rrcompile.finetune import FinetuneConfig
 from rrcompile.graph import analog_layers
@@ -56,6 +57,12 @@ def test_compile_calibrates_by_default_within_the_budget(digits):
     assert hardware["calibration"]["images"] == 256 and hardware["calibration"]["seconds_per_chip"] > 0
     assert [slot["layer"] for slot in hardware["calibration"]["slots"]] == ["conv1", "conv2", "fc1", "fc2"]
     assert compiled_device(result.deployed) == DEVICE
+    # so its chips, uncalibrated, are the original's: the report measures them once
+    assert result.network_as_given
+    original, compiled = (MonteCarloEvaluator(m, DEVICE) for m in (canonicalize(model), result.model))
+    images = original.prepare(x[:200])
+    assert compiled.chip_accuracies(images, y[:200], 3, 0, progress=False) == \
+        original.chip_accuracies(images, y[:200], 3, 0, progress=False)
 
 
 @pytest.mark.parametrize("finetune, stages", [
@@ -66,7 +73,7 @@ def test_compile_calibrates_by_default_within_the_budget(digits):
 def test_a_calibrated_compile_fine_tunes_when_asked(digits, finetune, stages):
     model, x, y = digits
     result = compile(model, x, y, small(calibration_finetune=finetune), progress=False, log=lambda _: None)
-    assert list(result.seconds) == stages
+    assert list(result.seconds) == stages and not result.network_as_given
 
 
 def test_compile_with_trained_compensation_runs_the_papers_stages(digits):
@@ -74,7 +81,7 @@ def test_compile_with_trained_compensation_runs_the_papers_stages(digits):
     result = compile(model, x, y, small(calibration=False), progress=False, log=lambda _: None)
     assert list(result.seconds) == ["canonicalize", "fine-tune", "insert candidates", "train compensation",
                                     "profile layers", "RL selection", "final training", "deploy"]
-    assert set(result.selection) == {"none", "all", "greedy", "rl"}
+    assert set(result.selection) == {"none", "all", "greedy", "rl"} and not result.network_as_given
     assert result.selection["rl"].reward >= result.selection["none"].reward
     assert result.hardware.overhead_percent <= 5.0
     onnx.checker.check_model(result.deployed, full_check=True)
@@ -87,7 +94,7 @@ def test_stages_can_be_switched_off(digits):
     model, x, y = digits
     bare = compile(model, x, y, small(lipschitz=False, noise_injection=False, compensation=False),
                    progress=False, log=lambda _: None)
-    assert list(bare.seconds) == ["canonicalize", "deploy"] and bare.kept == []
+    assert list(bare.seconds) == ["canonicalize", "deploy"] and bare.kept == [] and bare.network_as_given
     keep_all = compile(model, x, y, small(lipschitz=False, rl=False, calibration=False), progress=False, log=lambda _: None)
     assert keep_all.kept == ["conv1", "conv2", "fc1", "fc2"] and "rl" not in keep_all.selection
 
@@ -104,6 +111,9 @@ def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path,
     report = json.loads((tmp_path / "digits.report.json").read_text())
     assert report["after"]["chips"] == report["calibrated"]["chips"] == 3
     assert set(report["sigma_sweep"]) == {"original", "compiled", "compiled + calibrated"}
+    # nothing fine-tuned: the original's chips are the compiled ones, measured once
+    assert report["network_as_given"] and report["before"] == report["after"]
+    assert report["sigma_sweep"]["original"] == report["sigma_sweep"]["compiled"]
     assert (tmp_path / "digits.sigma.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--samples", "2", "--quiet"]) == 0
     assert "conv1: lognormal:sigma=0.5" in capsys.readouterr().out  # the device the graph carries
@@ -140,6 +150,19 @@ def test_compile_without_report_writes_the_model_and_a_report_of_the_compile_onl
     assert report["compile_seconds"] > 0 and not (tmp_path / "digits.sigma.png").exists()
     assert "--no-report" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_compile_report_measures_the_original_apart_once_compile_changed_the_network(tmp_path):
+    out = tmp_path / "digits.onnx"
+    assert main(["compile", str(DIGITS_MODEL), "-o", str(out), "--quiet", "--epochs", "1", "--calibration-finetune",
+                 "raw", "--episodes", "4", "--rl-chips", "2", "--rl-images", "200", "--samples", "2",
+                 "--sigma-sweep", "0,0.5", "--sweep-samples", "2"]) == 0
+    report = json.loads((tmp_path / "digits.report.json").read_text())
+    assert not report["network_as_given"] and report["before"]["chips"] == 2
+    assert set(report["sigma_sweep"]) == {"original", "compiled", "compiled + calibrated"}
+    test = load_data("digits", "test")
+    original = MonteCarloEvaluator(canonicalize(onnx.load(str(DIGITS_MODEL))), DEVICE)
+    assert report["before"]["clean_accuracy"] == original.clean_accuracy(original.prepare(test.x / np.float32(255)), test.y)
 
 
 # --- the caller's configs: compile fills in what its options decide, and never overwrites silently
