@@ -33,6 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import onnx
@@ -238,7 +239,13 @@ def measure_models(names: list[str], settings: dict) -> list[dict]:
         queue = context.Queue()
         process = context.Process(target=measure_model, args=(name, settings, queue))
         process.start()
-        results.append(queue.get())
+        while True:  # the model's result, or the reason there is none: a process that died reports nothing
+            try:
+                results.append(queue.get(timeout=5))
+                break
+            except Empty:
+                if not process.is_alive():
+                    raise SystemExit(f"scaling: {name}'s process ended (exit code {process.exitcode}) without a result")
         process.join()
         print(f"  {name}: {json.dumps(results[-1])}", flush=True)
     return results
