@@ -27,6 +27,7 @@ held in ``layers`` in graph order: tools that act on standard layers (aihwkit's
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import onnx
@@ -67,7 +68,21 @@ def default_device(device_type: str = "auto") -> torch.device:
         raise OptionError(f"device type {device_type!r}: expected one of {', '.join(DEVICE_TYPES)}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device type cuda: torch sees no CUDA GPU here (use --device-type cpu or auto)")
-    return torch.device("cuda" if device_type != "cpu" and torch.cuda.is_available() else "cpu")
+    if device_type != "cpu" and torch.cuda.is_available():
+        _deterministic_cuda()
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _deterministic_cuda() -> None:
+    """The same seed gives the same numbers on a GPU too: cuDNN's and cuBLAS's fastest kernels are
+    not deterministic (on an H200, two seeded fine-tunes of the digits CNN gave different weights).
+    cuBLAS reads its workspace setting when its first handle is made, so this runs before any
+    CUDA work of rrcompile's; ops with no deterministic kernel warn rather than fail."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # --- spatial ops --------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """TorchGraph: every op equals onnxruntime, variation agrees on the same draws, write-back round trips."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -403,3 +405,21 @@ def test_cuda_without_a_gpu_is_refused_and_auto_falls_back_to_the_cpu(monkeypatc
         default_device("cuda")
     with pytest.raises(OptionError, match="expected one of auto, cpu, cuda"):
         default_device("tpu")
+
+
+def test_choosing_a_gpu_makes_torch_deterministic(monkeypatch):
+    """Seeded runs repeat on a GPU only with cuDNN's and cuBLAS's deterministic kernels (checked
+    here with the GPU stubbed: the flags are what a real one needs)."""
+    from rrcompile.torch_graph import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    try:
+        assert default_device("auto").type == "cuda"
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
