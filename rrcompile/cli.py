@@ -50,6 +50,7 @@ from rrcompile.torch_graph import DEVICE_TYPES, default_device
 DEFAULT_DEVICE = "lognormal:sigma=0.5"
 DEFAULT_DATA = "digits"  # embedded in scikit-learn: every command runs without a download
 CHIPS = 100  # simulated chips of evaluate and of compile's report
+SWEEP_CHIPS = 10  # chips per sigma of compile's sweep: a point of its plot, not the table's statistics
 MAX_SWEEP_POINTS = 1000  # each point is a full Monte Carlo run; more is a typo, not a plan
 NO_ANALOG_LAYER = "no analog layer (Conv, Gemm or MatMul with a constant weight) in the model"
 KNOWN_DOMAINS = ("", "ai.onnx", RRCOMPILE_DOMAIN)
@@ -544,8 +545,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep: list[float],
                        executor: ChipExecutor) -> None:
     """Fill ``run``'s rows and curves: the original and the compiled model over the same chips of the
-    test set. When compile left the network as given, the compiled model's uncalibrated chips are
-    the original's: they are measured once and reported as both."""
+    test set. Nothing is measured twice: when compile left the network as given, the compiled
+    model's uncalibrated chips are the original's, reported as both; the sweep's point at the
+    compile's own sigma is the table's first ``--sweep-samples`` chips."""
     args, device, result, y_test = run.args, run.device, run.result, run.test.y
     on = dict(device_type=args.device_type)  # where every evaluator of the report runs
     chips = dict(progress=args.progress, executor=executor)  # and who runs its chips
@@ -559,21 +561,28 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
     else:
         run.rows["compiled"] = MonteCarloEvaluator(result.model, device, **on).evaluate(x_test, y_test, args.samples,
                                                                                         args.seed, **chips)
+    if result.network_as_given:
+        run.rows = {"original": run.rows["compiled"], **run.rows}
     if sweep:
+        tabled = [s for s in sweep if args.sweep_samples <= args.samples
+                  and device.with_sigma(s).describe() == device.describe()]
+        sigmas = [s for s in sweep if s not in tabled]
         if not result.network_as_given:
-            run.curves["original"] = sigma_sweep(original, device, sweep, x_test, y_test, args.sweep_samples,
+            run.curves["original"] = sigma_sweep(original, device, sigmas, x_test, y_test, args.sweep_samples,
                                                  args.seed, **on, **chips)
         if run.calibrating:
             run.curves["compiled"], run.curves["compiled + calibrated"] = calibrated_sigma_sweep(
-                result.model, device, sweep, result.x_calibration, x_test, y_test, args.sweep_samples,
+                result.model, device, sigmas, result.x_calibration, x_test, y_test, args.sweep_samples,
                 args.seed, **on, **chips)
         else:
-            run.curves["compiled"] = sigma_sweep(result.model, device, sweep, x_test, y_test, args.sweep_samples,
+            run.curves["compiled"] = sigma_sweep(result.model, device, sigmas, x_test, y_test, args.sweep_samples,
                                                  args.seed, **on, **chips)
-    if result.network_as_given:
-        run.rows = {"original": run.rows["compiled"], **run.rows}
-        if sweep:
+        if result.network_as_given:
             run.curves = {"original": run.curves["compiled"], **run.curves}
+        for label, curve in run.curves.items():
+            row = run.rows[label]
+            curve.update({s: ChipStats(row.clean_accuracy, row.chip_accuracies[:args.sweep_samples]) for s in tabled})
+            run.curves[label] = dict(sorted(curve.items()))
     run.report_seconds = time.perf_counter() - started
 
 
@@ -831,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-report", action="store_true",
                     help="skip the Monte Carlo report (table, sigma sweep, plot): compile and deploy only")
     co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
-    co.add_argument("--sweep-samples", type=positive_int, default=20, help="chips per sigma in the sweep")
+    co.add_argument("--sweep-samples", type=positive_int, default=SWEEP_CHIPS, help="chips per sigma in the sweep")
     co.add_argument("--tile", type=positive_int, default=compile_default("tile"))
     # one mini-batch size for the fine-tune and the compensation training (their configs agree on the default)
     co.add_argument("--batch-size", type=positive_int, default=default(FinetuneConfig, "batch_size"))

@@ -114,6 +114,9 @@ def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path,
     # nothing fine-tuned: the original's chips are the compiled ones, measured once
     assert report["network_as_given"] and report["before"] == report["after"]
     assert report["sigma_sweep"]["original"] == report["sigma_sweep"]["compiled"]
+    # the point at the compile's sigma is the table's first chips, not measured again
+    point = report["sigma_sweep"]["compiled + calibrated"]
+    assert [p["sigma"] for p in point] == [0, 0.5] and point[1]["chips"] == 2
     assert (tmp_path / "digits.sigma.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--samples", "2", "--quiet"]) == 0
     assert "conv1: lognormal:sigma=0.5" in capsys.readouterr().out  # the device the graph carries
