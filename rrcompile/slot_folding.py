@@ -2,7 +2,7 @@
 
 A calibration slot after a plain analog layer computes (``rrcompile.compensation``)
 
-    Z = A * Y + B + G * up(down(X)),    Y = W x + b,
+    Z = A * Y + B + G * up(down(X)),    Y = W X + b,
 
 with ``down`` reading the layer's own input ``X`` with the layer's geometry (a convolution with its
 kernel, strides, pads and dilations, then a 1x1 ``up``; or two matrix products). Everything in it is
@@ -18,7 +18,8 @@ with the slots, 6.6 ms for the network without them.
 
 Folded are the slots of calibrated kind whose layer is a group-1 ``Conv`` or a ``Gemm`` (alpha and
 beta 1, ``transA`` 0) read directly, without tiles or converters (the slot then corrects a
-nonlinear readout), and whose output feeds the slot alone. Other slots stay as they are.
+nonlinear readout), whose output feeds the slot alone and whose weight and bias no other node
+reads. Other slots stay as they are.
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ class FoldedSlots:
             return False  # a tiled or converted layer: its output is not W x + b
         if consumers.get(layer.output[0], 0) != 1 or layer.output[0] in outputs:
             return False
+        if any(consumers.get(name, 0) != 1 for name in layer.input[1:3] if name):
+            return False  # a weight or bias another node reads too: the folded values are this layer's alone
         if layer.op_type == "Conv":
             return _attr(layer, "group", 1) == 1
         return layer.op_type == "Gemm" and _attr(layer, "alpha", 1.0) == 1.0 and _attr(layer, "beta", 1.0) == 1.0 \

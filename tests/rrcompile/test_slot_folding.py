@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import DIGITS_MODEL, run
 from graph_builders import batchnorm_logsoftmax, cntk_conv_add_matmul, mlp_matmul_chain, torch_fixed_batch_softmax
@@ -30,6 +31,11 @@ def slotted_with_chip_parameters(model: onnx.ModelProto, seed: int = 0) -> onnx.
         for name, centre in ((c.down, 0.0), (c.up, 0.0), (c.gain, 1.0), (c.offset, 0.0)):
             values[name] = (centre + 0.3 * rng.standard_normal(inits[name].shape)).astype(np.float32)
     return with_initializers(slotted, values)
+
+
+def every_output(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 # builder -> the layers whose slots fold: plain Conv and Gemm layers (mlp's bias-less MatMul and
@@ -80,3 +86,16 @@ def test_a_calibrated_chip_runs_folded_as_its_slotted_graph(spec):
     got = session.run(None, {evaluator.input_name: evaluator.prepare(x), **feed()})[0]
     expected = run(with_initializers(evaluator.varied_model, values), evaluator.prepare(x), **evaluator.chip_feed(0, 3))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_layer_whose_bias_another_node_reads_keeps_its_slot():
+    model, x = torch_fixed_batch_softmax()
+    slotted = slotted_with_chip_parameters(canonicalize(model))
+    conv = next(n for n in slotted.graph.node if n.op_type == "Conv")
+    slotted.graph.node.append(onnx.helper.make_node("Identity", [conv.input[2]], ["bias_copy"], name="reads_the_bias"))
+    slotted.graph.output.append(onnx.helper.make_tensor_value_info("bias_copy", onnx.TensorProto.FLOAT, None))
+    folding = FoldedSlots(slotted)
+    assert conv.name not in {f.layer for f in folding.folds} and len(folding.folds) == 2
+    folded = with_initializers(folding.model, folding.values({}))
+    for got, expected in zip(every_output(folded, x), every_output(slotted, x)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
