@@ -18,8 +18,8 @@ with the slots, 6.6 ms for the network without them.
 
 Folded are the slots of calibrated kind whose layer is a group-1 ``Conv`` or a ``Gemm`` (alpha and
 beta 1, ``transA`` 0) read directly, without tiles or converters (the slot then corrects a
-nonlinear readout), whose output feeds the slot alone and whose weight and bias no other node
-reads. Other slots stay as they are.
+nonlinear readout), whose output feeds the slot alone, whose weight and bias no other node reads,
+and whose weights and slot parameters are all initializers. Other slots stay as they are.
 """
 from __future__ import annotations
 
@@ -67,6 +67,8 @@ class FoldedSlots:
             layer, slot = nodes.get(c.layer), nodes[c.node]
             if not COMPENSATIONS[c.op].calibrated or layer is None or not self._plain(layer, slot, consumers, outputs):
                 continue
+            if any(name and name not in self.initial for name in (*layer.input[1:3], c.down, c.up, c.gate, c.gain, c.offset)):
+                continue  # a weight or parameter computed or fed at run time: known only then
             if len(layer.input) < 3 or not layer.input[2]:
                 bias = f"{layer.name}.folded_bias"
                 cols = self.initial[layer.input[1]].shape[0 if layer.op_type == "Conv" or _attr(layer, "transB", 0) else 1]

@@ -13,7 +13,7 @@ from rrcompile.compensation import candidates
 from rrcompile.crossbar import with_adc_ranges
 from rrcompile.data import Preprocess, load_data
 from rrcompile.devices import parse_device
-from rrcompile.graph import analog_layers, with_initializers
+from rrcompile.graph import analog_layers, keep_where, with_initializers
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
 from rrcompile.slot_folding import FoldedSlots
@@ -99,3 +99,17 @@ def test_a_layer_whose_bias_another_node_reads_keeps_its_slot():
     folded = with_initializers(folding.model, folding.values({}))
     for got, expected in zip(every_output(folded, x), every_output(slotted, x)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_slot_whose_gate_is_fed_at_run_time_stays():
+    model, x = torch_fixed_batch_softmax()
+    slotted = slotted_with_chip_parameters(canonicalize(model))
+    gate = candidates(slotted)[0].gate
+    keep_where(slotted.graph.initializer, lambda t: t.name != gate)
+    folding = FoldedSlots(slotted)
+    assert candidates(slotted)[0].layer not in {f.layer for f in folding.folds} and len(folding.folds) == 2
+    fed = {gate: np.array(0.5, np.float32)}
+    session = ort.InferenceSession(with_initializers(folding.model, folding.values({})).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x, **fed})[0], run(slotted, x, **fed),
+                               rtol=1e-5, atol=1e-5)
