@@ -471,13 +471,20 @@ class Calibrator:
         self._graph = TorchGraph(model, trainable=[]).to(self.device)
         self._inits = {t.name: t for t in model.graph.initializer}
 
-    def calibrate(self, chip: Chip, x: np.ndarray, *, solve_slots: bool = True) -> ChipCalibration:
+    def calibrate(self, chip: Chip, x: np.ndarray, *, solve_slots: bool = True,
+                  solves: dict | None = None) -> ChipCalibration:
         """Walk the layers in graph order on calibration images ``x``, measuring ``chip`` and solving
         each slot; with ``solve_slots`` False, only measure the uncalibrated chip in one pass (what a
-        bring-up without the compiler in the loop records: calibrate it with the "layer" target)."""
+        bring-up without the compiler in the loop records: calibrate it with the "layer" target).
+
+        ``solves`` keeps simulated chips' slot solutions for calibrations of other rank
+        configurations of the same model, on the same ``x`` and device (the agent's): a slot's
+        solution depends only on its chip and the ranks of the slots up to it, in graph order."""
         values: dict[str, np.ndarray] = {}
         measurements: dict[str, np.ndarray] = {}
         ideal: dict[str, torch.Tensor] = {}
+        ranks: list[int] = []  # of the slots reached so far
+        reusable = solves is not None and isinstance(chip, SimulatedChip)
         batch = self._tensor(np.ascontiguousarray(x, np.float32))
         clean = self._clean_outputs(batch) if self.config.target == "network" else {}
 
@@ -494,7 +501,14 @@ class Calibrator:
             if slot is None or not solve_slots:
                 return None
             y, x_in = inputs[0], inputs[1]
-            solved = solve(slot, x_in, y, ideal.pop(node.input[0]), inputs[2], self.config)
+            ranks.append(slot.candidate.rank)
+            key = (chip.seed, chip.index, tuple(ranks)) if reusable else None
+            target = ideal.pop(node.input[0])
+            solved = solves.get(key) if key else None
+            if solved is None:
+                solved = solve(slot, x_in, y, target, inputs[2], self.config)
+                if key:
+                    solves[key] = solved
             values.update(solved)
             c = slot.candidate
             inputs = [*inputs[:2], self._tensor(solved[c.down]) if c.down in solved else inputs[2],
@@ -633,8 +647,9 @@ class CalibratedEvaluator:
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x_calibration: np.ndarray,
                  config: CalibrationConfig = CalibrationConfig(), *, batch_size: int = BATCH_SIZE,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", solves: dict | None = None):
         self.model, self.device, self.x_calibration = model, device, x_calibration
+        self.solves = solves  # shared by the calibrations of rank configurations (Calibrator.calibrate); not pickled
         self.calibrator = Calibrator(model, config, device_type=device_type)
         self.evaluator = MonteCarloEvaluator(model, device, batch_size=batch_size, device_type=device_type)
         self._recipe = dict(model=model, device=device, x_calibration=x_calibration, config=config,
@@ -648,7 +663,7 @@ class CalibratedEvaluator:
 
     def calibrate(self, seed: int, chip: int) -> ChipCalibration:
         simulated = SimulatedChip(self.model, self.device, seed, chip, varied=self.evaluator.varied_model)
-        return self.calibrator.calibrate(simulated, self.x_calibration)
+        return self.calibrator.calibrate(simulated, self.x_calibration, solves=self.solves)
 
     def chip_accuracy(self, x: np.ndarray, y: np.ndarray, seed: int, chip: int) -> float:
         return self.evaluator.chip_accuracy(x, y, seed, chip, self.calibrate(seed, chip).values)

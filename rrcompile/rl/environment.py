@@ -235,6 +235,7 @@ class CalibrationEnv(CompensationEnv):
         layers = {layer.node: layer for layer in analog_layers(model)}
         self.layers = [layers[c.layer] for c in self.candidates]
         self.ranks = [[r for r in RANK_LEVELS if r <= c.rank] for c in self.candidates]
+        self._solves: dict = {}  # every configuration's chips calibrate on the same images: shared solves
 
     def options(self, step: int) -> int:
         return len(self.ranks[step])
@@ -256,7 +257,8 @@ class CalibrationEnv(CompensationEnv):
                 self._rewards[keep] = (float("nan"), OVER_BUDGET_REWARD)
             else:
                 evaluator = CalibratedEvaluator(with_ranks(self.model, self.rank_config(keep)), self.device,
-                                                self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size)
+                                                self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size,
+                                                solves=self._solves)
                 chips = [VALIDATION_CHIPS_FROM + chip for chip in range(self.chips)]
                 accuracy = float(np.mean(self.executor.map_chips(
                     functools.partial(evaluator.chip_accuracy, self.x, self.y, self.seed), chips, progress=False)))

@@ -60,6 +60,24 @@ def test_calibration_is_deterministic_and_the_chip_is_the_evaluators(digits):
     assert_chip_is_the_evaluators(compiled, device, 5, x_test[:50])
 
 
+@pytest.mark.parametrize("spec", ["lognormal:sigma=0.5", "lognormal:sigma=0.5+read:eta=0.02"])
+def test_rank_configurations_share_the_solves_of_their_common_prefix(digits, spec):
+    """The agent's configurations reuse a chip's slot solutions up to the first slot whose rank
+    differs; each configuration's values are what a calibration of its own gives."""
+    model, x_train, _, _ = digits
+    device = parse_device(spec)
+    base = InsertCompensationCandidatesPass(ranks=RANKS, calibrated=True)(model).model
+    first, second, third = (with_ranks(base, {**RANKS, **change}) for change in ({}, {"fc1": 1}, {"conv2": 1}))
+    solves: dict = {}
+    for config in (first, second, third):
+        shared = Calibrator(config).calibrate(SimulatedChip(config, device, 0, 2), x_train[:64], solves=solves)
+        alone = Calibrator(config).calibrate(SimulatedChip(config, device, 0, 2), x_train[:64])
+        assert shared.values.keys() == alone.values.keys()
+        assert all(np.array_equal(shared.values[k], alone.values[k]) for k in alone.values)
+    # 4 solves for the first; the second shares conv1's and conv2's, the third conv1's: 4 + 2 + 3
+    assert len(solves) == 9
+
+
 def assert_chip_is_the_evaluators(compiled: onnx.ModelProto, device, index: int, x: np.ndarray) -> None:
     """Simulated chip ``index``, layer by layer, computes what the evaluator's session for that chip computes."""
     session, feed = MonteCarloEvaluator(compiled, device).chip(0, index)
