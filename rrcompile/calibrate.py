@@ -470,6 +470,7 @@ class Calibrator:
         self._layers = _layer_nodes(model)
         self._graph = TorchGraph(model, trainable=[]).to(self.device)
         self._inits = {t.name: t for t in model.graph.initializer}
+        self._clean: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # images, their clean outputs
 
     def calibrate(self, chip: Chip, x: np.ndarray, *, solve_slots: bool = True,
                   solves: dict | None = None) -> ChipCalibration:
@@ -538,9 +539,13 @@ class Calibrator:
         return ChipCalibration(values, dict(measurements))
 
     def _clean_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every calibrated layer's output in the clean network (the digital twin) on ``images``."""
-        with torch.no_grad():
-            return self._graph(images, outputs=[self._layers[s.layer.node][0].output[0] for s in self.slots])
+        """Every calibrated layer's output in the clean network (the digital twin) on ``images``:
+        the same for every chip calibrated on the same images, so computed once for them."""
+        if self._clean is None or not torch.equal(self._clean[0], images):
+            with torch.no_grad():
+                self._clean = (images, self._graph(images, outputs=[self._layers[s.layer.node][0].output[0]
+                                                                    for s in self.slots]))
+        return self._clean[1]
 
     def _constant(self, name: str) -> torch.Tensor | None:
         return self._tensor(numpy_helper.to_array(self._inits[name]).copy()) if name else None

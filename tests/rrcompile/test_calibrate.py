@@ -56,6 +56,11 @@ def test_calibration_is_deterministic_and_the_chip_is_the_evaluators(digits):
     compiled = slotted(model, device, x_train[:500])
     first, second = (Calibrator(compiled).calibrate(SimulatedChip(compiled, device, 0, 5), x_train[:256]) for _ in range(2))
     assert all(np.array_equal(first.values[k], second.values[k]) for k in first.values)
+    # a calibrator that calibrated another chip first (its digital twin's outputs kept) gives the same
+    calibrator = Calibrator(compiled)
+    calibrator.calibrate(SimulatedChip(compiled, device, 0, 4), x_train[:256])
+    again = calibrator.calibrate(SimulatedChip(compiled, device, 0, 5), x_train[:256])
+    assert all(np.array_equal(first.values[k], again.values[k]) for k in first.values)
     # the simulated chip, layer by layer, computes what the evaluator's session for chip 5 computes
     assert_chip_is_the_evaluators(compiled, device, 5, x_test[:50])
 
