@@ -29,7 +29,7 @@ from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
 from rrcompile.deploy import compiled_device, deploy
 from rrcompile.crossbar import ADC_IMAGES, adc_range_shapes, needs_adc_ranges, untile, with_adc_ranges
-from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
+from rrcompile.devices import DeviceConfig, LogNormalVariation, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
 from rrcompile.executor import ChipExecutor, chip_executor
@@ -563,6 +563,9 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
                                                                                         args.seed, **chips)
     if result.network_as_given:
         run.rows = {"original": run.rows["compiled"], **run.rows}
+    own = _own_sigma(device)
+    if sweep and own is not None and own not in sweep and args.sweep_samples <= args.samples:
+        sweep = sorted([*sweep, own])  # the compile's own sigma, on the plot for free: the table's chips
     if sweep:
         tabled = [s for s in sweep if args.sweep_samples <= args.samples
                   and device.with_sigma(s).describe() == device.describe()]
@@ -584,6 +587,12 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
             curve.update({s: ChipStats(row.clean_accuracy, row.chip_accuracies[:args.sweep_samples]) for s in tabled})
             run.curves[label] = dict(sorted(curve.items()))
     run.report_seconds = time.perf_counter() - started
+
+
+def _own_sigma(device: DeviceConfig) -> float | None:
+    """The log-normal sigma of every log-normal term of ``device`` (None: none, or several)."""
+    sigmas = {m.values["sigma"] for stack in device.stacks() for m in stack if isinstance(m, LogNormalVariation)}
+    return sigmas.pop() if len(sigmas) == 1 else None
 
 
 def _print_compiled(run: _Compiled) -> None:
@@ -839,7 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--samples", type=positive_int, default=CHIPS, help="chips for the before/after evaluation")
     co.add_argument("--no-report", action="store_true",
                     help="skip the Monte Carlo report (table, sigma sweep, plot): compile and deploy only")
-    co.add_argument("--sigma-sweep", default="0,0.1,...,0.8", help="sigmas of the plot ('' for none)")
+    co.add_argument("--sigma-sweep", default="0,0.2,...,0.8",
+                    help="sigmas of the plot, with the compile's own added from the table ('' for none)")
     co.add_argument("--sweep-samples", type=positive_int, default=SWEEP_CHIPS, help="chips per sigma in the sweep")
     co.add_argument("--tile", type=positive_int, default=compile_default("tile"))
     # one mini-batch size for the fine-tune and the compensation training (their configs agree on the default)

@@ -103,7 +103,7 @@ def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path,
     out = tmp_path / "digits.onnx"
     code = main(["compile", str(DIGITS_MODEL), "--data", "digits", "-o", str(out), "--quiet", "--epochs", "1",
                  "--compensation-epochs", "1", "--episodes", "8", "--rl-chips", "2", "--rl-images", "200",
-                 "--samples", "3", "--sigma-sweep", "0,0.5", "--sweep-samples", "2",
+                 "--samples", "3", "--sigma-sweep", "0", "--sweep-samples", "2",
                  "--simulate-output", str(tmp_path / "digits.sim.onnx")])
     assert code == 0
     printed = capsys.readouterr().out
@@ -114,9 +114,10 @@ def test_compile_command_writes_model_report_plot_and_simulation_graph(tmp_path,
     # nothing fine-tuned: the original's chips are the compiled ones, measured once
     assert report["network_as_given"] and report["before"] == report["after"]
     assert report["sigma_sweep"]["original"] == report["sigma_sweep"]["compiled"]
-    # the point at the compile's sigma is the table's first chips, not measured again
+    # the compile's own sigma joins the sweep: the table's first chips, not measured again
     point = report["sigma_sweep"]["compiled + calibrated"]
     assert [p["sigma"] for p in point] == [0, 0.5] and point[1]["chips"] == 2
+    assert point[1]["worst"] >= report["calibrated"]["worst"]
     assert (tmp_path / "digits.sigma.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", str(tmp_path / "digits.sim.onnx"), "--samples", "2", "--quiet"]) == 0
     assert "conv1: lognormal:sigma=0.5" in capsys.readouterr().out  # the device the graph carries
