@@ -50,6 +50,7 @@ from rrcompile.torch_graph import DEVICE_TYPES, default_device
 DEFAULT_DEVICE = "lognormal:sigma=0.5"
 DEFAULT_DATA = "digits"  # embedded in scikit-learn: every command runs without a download
 CHIPS = 100  # simulated chips of evaluate and of compile's report
+COMPILE_SWEEP = "0,0.2,...,0.8"  # compile's sigma sweep by default (its own sigma is added from the table)
 SWEEP_CHIPS = 10  # chips per sigma of compile's sweep: a point of its plot, not the table's statistics
 MAX_SWEEP_POINTS = 1000  # each point is a full Monte Carlo run; more is a typo, not a plan
 NO_ANALOG_LAYER = "no analog layer (Conv, Gemm or MatMul with a constant weight) in the model"
@@ -495,6 +496,10 @@ class _Compiled:
 def cmd_compile(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
+    if sweep and not _lognormal_sigmas(device):
+        if args.sigma_sweep != COMPILE_SWEEP:  # asked for: refused before any work
+            raise DeviceSpecError(f"--sigma-sweep needs a 'lognormal' device model in --device ({args.device})")
+        sweep = []  # the default sweep has nothing to sweep
     options = compile_options(args, device)
     check_scale(args)
     preprocess = Preprocess.parse(args.scale, args.mean, args.std)
@@ -563,7 +568,8 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
                                                                                         args.seed, **chips)
     if result.network_as_given:
         run.rows = {"original": run.rows["compiled"], **run.rows}
-    own = _own_sigma(device)
+    compiled_for = _lognormal_sigmas(device)
+    own = next(iter(compiled_for)) if len(compiled_for) == 1 else None
     if sweep and own is not None and own not in sweep and args.sweep_samples <= args.samples:
         sweep = sorted([*sweep, own])  # the compile's own sigma, on the plot for free: the table's chips
     if sweep:
@@ -589,10 +595,9 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
     run.report_seconds = time.perf_counter() - started
 
 
-def _own_sigma(device: DeviceConfig) -> float | None:
-    """The log-normal sigma of every log-normal term of ``device`` (None: none, or several)."""
-    sigmas = {m.values["sigma"] for stack in device.stacks() for m in stack if isinstance(m, LogNormalVariation)}
-    return sigmas.pop() if len(sigmas) == 1 else None
+def _lognormal_sigmas(device: DeviceConfig) -> set[float]:
+    """The sigmas of ``device``'s log-normal terms, what a sigma sweep varies."""
+    return {m.values["sigma"] for stack in device.stacks() for m in stack if isinstance(m, LogNormalVariation)}
 
 
 def _print_compiled(run: _Compiled) -> None:
@@ -848,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--samples", type=positive_int, default=CHIPS, help="chips for the before/after evaluation")
     co.add_argument("--no-report", action="store_true",
                     help="skip the Monte Carlo report (table, sigma sweep, plot): compile and deploy only")
-    co.add_argument("--sigma-sweep", default="0,0.2,...,0.8",
+    co.add_argument("--sigma-sweep", default=COMPILE_SWEEP,
                     help="sigmas of the plot, with the compile's own added from the table ('' for none)")
     co.add_argument("--sweep-samples", type=positive_int, default=SWEEP_CHIPS, help="chips per sigma in the sweep")
     co.add_argument("--tile", type=positive_int, default=compile_default("tile"))

@@ -169,6 +169,19 @@ def test_compile_report_measures_the_original_apart_once_compile_changed_the_net
     assert report["before"]["clean_accuracy"] == original.clean_accuracy(original.prepare(test.x / np.float32(255)), test.y)
 
 
+def test_a_device_without_lognormal_has_no_sweep_unless_one_is_asked_for(tmp_path, capsys):
+    out, device = tmp_path / "digits.onnx", "stuck:p_off=0.01,p_on=0.01"
+    # asked for: a one-line refusal before any work, and nothing written
+    assert main(["compile", str(DIGITS_MODEL), "-o", str(out), "--device", device, "--sigma-sweep", "0,0.5"]) == 2
+    assert "--sigma-sweep needs a 'lognormal' device model" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    # the default sweep: nothing to sweep, so no sweep and no plot
+    assert main(["compile", str(DIGITS_MODEL), "-o", str(out), "--device", device, "--quiet", "--episodes", "2",
+                 "--rl-chips", "2", "--rl-images", "200", "--samples", "2"]) == 0
+    report = json.loads((tmp_path / "digits.report.json").read_text())
+    assert report["sigma_sweep"] == {} and report["calibrated"]["chips"] == 2
+    assert not (tmp_path / "digits.sigma.png").exists()
+
+
 # --- the caller's configs: compile fills in what its options decide, and never overwrites silently
 
 def test_compile_fills_in_the_fields_its_options_decide_and_keeps_the_rest():
