@@ -29,7 +29,7 @@ from rrcompile.compensation import candidates
 from rrcompile.data import Dataset, Preprocess, data_files, fit_to_input, load_data
 from rrcompile.deploy import compiled_device, deploy
 from rrcompile.crossbar import ADC_IMAGES, adc_range_shapes, needs_adc_ranges, untile, with_adc_ranges
-from rrcompile.devices import DeviceConfig, LogNormalVariation, device_file, parse_device, simulated_device
+from rrcompile.devices import DeviceConfig, device_file, parse_device, simulated_device
 from rrcompile.errors import DeviceSpecError, OptionError, RRCompileError, UnsupportedModelError
 from rrcompile.evaluate import BATCH_SIZE, ChipStats, MonteCarloEvaluator, plot_sigma_sweep, sigma_sweep
 from rrcompile.executor import ChipExecutor, chip_executor
@@ -496,7 +496,7 @@ class _Compiled:
 def cmd_compile(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     sweep = parse_sweep(args.sigma_sweep) if args.sigma_sweep else []
-    if sweep and not _lognormal_sigmas(device):
+    if sweep and not device.lognormal_sigmas():
         if args.sigma_sweep != COMPILE_SWEEP:  # asked for: refused before any work
             raise DeviceSpecError(f"--sigma-sweep needs a 'lognormal' device model in --device ({args.device})")
         sweep = []  # the default sweep has nothing to sweep
@@ -568,13 +568,11 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
                                                                                         args.seed, **chips)
     if result.network_as_given:
         run.rows = {"original": run.rows["compiled"], **run.rows}
-    compiled_for = _lognormal_sigmas(device)
-    own = next(iter(compiled_for)) if len(compiled_for) == 1 else None
-    if sweep and own is not None and own not in sweep and args.sweep_samples <= args.samples:
-        sweep = sorted([*sweep, own])  # the compile's own sigma, on the plot for free: the table's chips
+    compiled_for = device.lognormal_sigmas()
+    # the sweep's point at the compile's own sigma (one sigma everywhere) is the table's first chips
+    tabled = [*compiled_for] if len(compiled_for) == 1 and args.sweep_samples <= args.samples else []
     if sweep:
-        tabled = [s for s in sweep if args.sweep_samples <= args.samples
-                  and device.with_sigma(s).describe() == device.describe()]
+        sweep = sorted({*sweep, *tabled})  # the compile's own sigma, on the plot for free
         sigmas = [s for s in sweep if s not in tabled]
         if not result.network_as_given:
             run.curves["original"] = sigma_sweep(original, device, sigmas, x_test, y_test, args.sweep_samples,
@@ -593,11 +591,6 @@ def _evaluate_compiled(run: _Compiled, original: onnx.ModelProto, x_test, sweep:
             curve.update({s: ChipStats(row.clean_accuracy, row.chip_accuracies[:args.sweep_samples]) for s in tabled})
             run.curves[label] = dict(sorted(curve.items()))
     run.report_seconds = time.perf_counter() - started
-
-
-def _lognormal_sigmas(device: DeviceConfig) -> set[float]:
-    """The sigmas of ``device``'s log-normal terms, what a sigma sweep varies."""
-    return {m.values["sigma"] for stack in device.stacks() for m in stack if isinstance(m, LogNormalVariation)}
 
 
 def _print_compiled(run: _Compiled) -> None:

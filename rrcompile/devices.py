@@ -669,9 +669,13 @@ class DeviceConfig:
         return DeviceConfig(keep(self.default), {k: keep(v) for k, v in self.layers.items()}, self.source,
                             self.adc_ranges)
 
+    def lognormal_sigmas(self) -> set[float]:
+        """The sigmas of the config's log-normal terms: what a sigma sweep varies."""
+        return {m.values["sigma"] for stack in self.stacks() for m in stack if isinstance(m, LogNormalVariation)}
+
     def with_sigma(self, sigma: float) -> "DeviceConfig":
         """The same config with every log-normal sigma set to ``sigma`` (for sigma sweeps)."""
-        if not any(isinstance(m, LogNormalVariation) for stack in self.stacks() for m in stack):
+        if not self.lognormal_sigmas():
             raise DeviceSpecError("a sigma sweep needs a 'lognormal' device model in --device")
 
         def swap(stack: list[DeviceTerm]) -> list[DeviceTerm]:

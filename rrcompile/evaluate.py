@@ -253,10 +253,9 @@ class MonteCarloEvaluator:
             self.program_session = make_session(program) if program.graph.output else None
             self.programmed = [o.name for o in program.graph.output]
             # a chip runs with its calibration slots folded into their layers: at the layers' cost
-            self.folded = FoldedSlots(chip_model) if fold_slots else None
-            if self.folded is not None and self.folded.folds:
-                chip_model = self.folded.model
-            self.chip_model = chip_model
+            folding = FoldedSlots(chip_model) if fold_slots else None
+            self.folded = folding if folding is not None and folding.folds else None  # None: nothing to fold
+            self.chip_model = self.folded.model if self.folded is not None else chip_model
             self._initializers = {t.name: t for t in self.chip_model.graph.initializer}
 
     def __getstate__(self) -> dict:
@@ -301,7 +300,7 @@ class MonteCarloEvaluator:
             return session, lambda: {**feed, **{n.name: n.noise.draw(read_rng, n.shape) for n in self.read_noise}}
         programmed = self.program_session.run(None, feed) if self.program_session is not None else []
         weights, absorbed = dict(zip(self.programmed, programmed)), set()
-        if self.folded is not None and self.folded.folds:
+        if self.folded is not None:
             weights.update(self.folded.values(weights, digital))
             absorbed = self.folded.absorbed
         # embedded, not overridden with add_initializer: onnxruntime prepacks conv weights from
