@@ -25,9 +25,12 @@ Prints a Markdown table per model and writes ``adc_sweep.json`` and ``adc_sweep.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
+import multiprocessing
+import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from rrcompile.compensation_training import CompensationConfig
 from rrcompile.crossbar import ADC_IMAGES, with_adc_ranges
 from rrcompile.data import Preprocess, fit_to_input, load_data
 from rrcompile.devices import parse_device
-from rrcompile.evaluate import ChipStats, MonteCarloEvaluator, model_io
+from rrcompile.evaluate import MonteCarloEvaluator, model_io, use_threads
 from rrcompile.finetune import FinetuneConfig
 from rrcompile.io import atomic_write, load_model
 from rrcompile.pipeline import CompileOptions, canonicalize, compile
@@ -52,35 +55,61 @@ def spec(bits: int, args: argparse.Namespace) -> str:
     return f"tile:size={args.tile}+adc:bits={bits}+lognormal:sigma={args.sigma:g}"
 
 
-def run_model(name: str, bench: Benchmark, args: argparse.Namespace) -> dict:
+@functools.lru_cache(maxsize=1)
+def _load(bench: Benchmark, test_limit: int | None):
+    """(canonical model, prepared train images, train labels, prepared test images, test set)."""
     preprocess = Preprocess.parse("255", bench.mean, bench.std)
     original = canonicalize(load_model(bench.model))
     input_name, input_shape = model_io(original)
-    train, test = load_data(bench.data, "train"), load_data(bench.data, "test").subset(args.test_limit)
+    train, test = load_data(bench.data, "train"), load_data(bench.data, "test").subset(test_limit)
     x_train = fit_to_input(preprocess.apply(train.x), input_name, input_shape, data_name=train.name)
     x_test = fit_to_input(preprocess.apply(test.x), input_name, input_shape, data_name=test.name)
+    return original, x_train, train.y, x_test, test
+
+
+def _use_threads(count: int) -> None:
+    import torch
+
+    use_threads(count)
+    torch.set_num_threads(count)
+
+
+def run_bits(name: str, bench: Benchmark, args: argparse.Namespace, bits: int) -> dict:
+    """One resolution's row: the original and the compiled model on the same chips."""
+    original, x_train, y_train, x_test, test = _load(bench, args.test_limit)
     epochs = args.epochs or bench.epochs
-    rows = []
-    for bits in args.bits:
-        device = with_adc_ranges(original, parse_device(spec(bits, args)), x_train[:ADC_IMAGES])
-        started = time.perf_counter()
-        before = MonteCarloEvaluator(original, device).evaluate(x_test, test.y, args.samples, args.seed, progress=False)
-        options = CompileOptions(device, finetune=FinetuneConfig(epochs=epochs, patience=bench.patience),
-                                 train=CompensationConfig(epochs=epochs), episodes=args.episodes, rl_chips=args.rl_chips,
-                                 rl_images=args.rl_images, tile=args.tile, seed=args.seed)
-        result = compile(original, x_train, train.y, options, progress=False, log=lambda _: None)
-        compile_seconds = time.perf_counter() - started
-        raw, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration).evaluate(
-            x_test, test.y, args.samples, args.seed, progress=False)
-        rows.append({"bits": bits, "device": spec(bits, args), "original": before.summary(), "compiled": raw.summary(),
-                     "calibrated": calibrated.summary(), "sigma0": calibrated.clean_accuracy,
-                     "adc_conversions": result.hardware.adc_conversions, "adc_energy_pj": result.hardware.adc_energy_pj,
-                     "ranks": result.ranks, "overhead_percent": result.hardware.overhead_percent,
-                     "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds})
-        print(f"{name}, {bits} bits: original {percent(before.mean)}, compiled {percent(raw.mean)}, "
-              f"calibrated {percent(calibrated.mean)}, {result.hardware.adc_energy_pj / 1e3:.3f} nJ, "
-              f"{rows[-1]['seconds']:.0f} s", flush=True)
-    return {"model": name, "data": test.name, "test_images": len(test.y), "epochs": epochs, "rows": rows,
+    device = with_adc_ranges(original, parse_device(spec(bits, args)), x_train[:ADC_IMAGES])
+    started = time.perf_counter()
+    before = MonteCarloEvaluator(original, device, device_type=args.device_type).evaluate(
+        x_test, test.y, args.samples, args.seed, progress=False)
+    options = CompileOptions(device, finetune=FinetuneConfig(epochs=epochs, patience=bench.patience),
+                             train=CompensationConfig(epochs=epochs), episodes=args.episodes, rl_chips=args.rl_chips,
+                             rl_images=args.rl_images, tile=args.tile, seed=args.seed, device_type=args.device_type)
+    result = compile(original, x_train, y_train, options, progress=False, log=lambda _: None)
+    compile_seconds = time.perf_counter() - started
+    raw, calibrated = CalibratedEvaluator(result.model, device, result.x_calibration, device_type=args.device_type).evaluate(
+        x_test, test.y, args.samples, args.seed, progress=False)
+    row = {"bits": bits, "device": spec(bits, args), "original": before.summary(), "compiled": raw.summary(),
+           "calibrated": calibrated.summary(), "sigma0": calibrated.clean_accuracy,
+           "adc_conversions": result.hardware.adc_conversions, "adc_energy_pj": result.hardware.adc_energy_pj,
+           "ranks": result.ranks, "overhead_percent": result.hardware.overhead_percent,
+           "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds}
+    print(f"{name}, {bits} bits: original {percent(before.mean)}, compiled {percent(raw.mean)}, "
+          f"calibrated {percent(calibrated.mean)}, {result.hardware.adc_energy_pj / 1e3:.3f} nJ, "
+          f"{row['seconds']:.0f} s", flush=True)
+    return row
+
+
+def run_model(name: str, bench: Benchmark, args: argparse.Namespace) -> dict:
+    _, _, _, _, test = _load(bench, args.test_limit)
+    if args.jobs > 1:  # one process per resolution, the machine's cores shared among them
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited onnxruntime or torch threads
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, context, initializer=_use_threads, initargs=(threads,)) as pool:
+            rows = list(pool.map(functools.partial(run_bits, name, bench, args), args.bits))
+    else:
+        rows = [run_bits(name, bench, args, bits) for bits in args.bits]
+    return {"model": name, "data": test.name, "test_images": len(test.y), "epochs": args.epochs or bench.epochs, "rows": rows,
             "smallest_bits": {column: next((r["bits"] for r in rows if r[column]["mean"] >= KEEP * r["sigma0"]), None)
                               for column in ("compiled", "calibrated")}}
 
@@ -134,6 +163,11 @@ def main() -> int:
     parser.add_argument("--rl-chips", type=int, default=CompileOptions.rl_chips)
     parser.add_argument("--rl-images", type=int, default=CompileOptions.rl_images)
     parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="resolutions computed at once, each in its own process with an equal share of the cores")
+    parser.add_argument("--device-type", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="where the chips are evaluated and calibrated and compile trains (the agent's "
+                             "validation chips stay on onnxruntime's CPU path)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
