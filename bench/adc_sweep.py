@@ -16,8 +16,9 @@ conversion, ``rrcompile.hardware`` names the constant and its source). The refer
 compiled model's sigma-0 accuracy (its clean accuracy, float readout); the table names the smallest
 ``B`` whose compiled + calibrated mean keeps >= 98% of it (and the same for the raw compiled chips).
 
-Prints a Markdown table per model and writes ``adc_sweep.json`` and ``adc_sweep.<model>.png``
-(accuracy and energy against bits) under ``--out``.
+Prints a Markdown table per model and writes, per model under ``--out``, ``adc_sweep.<model>.json``
+(rewritten after every resolution, so a sweep cut short keeps what it finished) and
+``adc_sweep.<model>.png`` (accuracy and energy against bits).
 
     python bench/adc_sweep.py                         # LeNet-5 and the VGG-style net, B = 4..10, 100 chips
     python bench/adc_sweep.py --quick                 # digits, B = 4 and 8, 3 chips, one epoch: a smoke test
@@ -100,18 +101,30 @@ def run_bits(name: str, bench: Benchmark, args: argparse.Namespace, bits: int) -
     return row
 
 
-def run_model(name: str, bench: Benchmark, args: argparse.Namespace) -> dict:
+def run_model(name: str, bench: Benchmark, args: argparse.Namespace, save) -> dict:
+    """Every resolution's row; ``save`` gets the result so far after each row that completes in order."""
     _, _, _, _, test = _load(bench, args.test_limit)
+    rows: list[dict] = []
+
+    def result() -> dict:
+        return {"model": name, "data": test.name, "test_images": len(test.y), "epochs": args.epochs or bench.epochs,
+                "rows": rows, "complete": len(rows) == len(args.bits),
+                "smallest_bits": {column: next((r["bits"] for r in rows if r[column]["mean"] >= KEEP * r["sigma0"]), None)
+                                  for column in ("compiled", "calibrated")}}
+
     if args.jobs > 1:  # one process per resolution, the machine's cores shared among them
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited onnxruntime or torch threads
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ProcessPoolExecutor(args.jobs, context, initializer=_use_threads, initargs=(threads,)) as pool:
-            rows = list(pool.map(functools.partial(run_bits, name, bench, args), args.bits))
+            computed = pool.map(functools.partial(run_bits, name, bench, args), args.bits)
+            for row in computed:
+                rows.append(row)
+                save(result())
     else:
-        rows = [run_bits(name, bench, args, bits) for bits in args.bits]
-    return {"model": name, "data": test.name, "test_images": len(test.y), "epochs": args.epochs or bench.epochs, "rows": rows,
-            "smallest_bits": {column: next((r["bits"] for r in rows if r[column]["mean"] >= KEEP * r["sigma0"]), None)
-                              for column in ("compiled", "calibrated")}}
+        for bits in args.bits:
+            rows.append(run_bits(name, bench, args, bits))
+            save(result())  # a long sweep cut short keeps the rows it finished
+    return result()
 
 
 def table(result: dict) -> str:
@@ -173,22 +186,24 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
-    results = []
     started = time.perf_counter()
+    suffix = ".quick" if args.quick else ""
+
+    def save(result: dict) -> None:
+        write_json({"machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or '?'}, "
+                               f"{os.cpu_count()} CPU cores)",
+                    "seconds": time.perf_counter() - started,
+                    "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "keep": KEEP, **result}, args.out / f"adc_sweep{suffix}.{result['model']}.json")
+
     for name in args.models:
-        result = run_model(name, BENCHMARKS[name], args)
-        results.append(result)
+        result = run_model(name, BENCHMARKS[name], args, save)
         print(f"\n{name} on {result['data']} ({result['test_images']} test images, {args.samples} chips, seed {args.seed})")
         print(table(result))
         smallest, tried = result["smallest_bits"], f"none of B = {', '.join(map(str, args.bits))}"
         print(f"smallest B keeping >= {KEEP:.0%} of the sigma-0 accuracy: compiled + calibrated "
               f"{smallest['calibrated'] or tried}, compiled {smallest['compiled'] or tried}\n")
-        plot(result, args.out / f"adc_sweep{'.quick' if args.quick else ''}.{name}.png")
-    write_json({"machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or '?'})",
-                "seconds": time.perf_counter() - started, "options": {k: str(v) if isinstance(v, Path) else v
-                                                                      for k, v in vars(args).items()},
-                "keep": KEEP, "results": results},
-               args.out / f"adc_sweep{'.quick' if args.quick else ''}.json")
+        plot(result, args.out / f"adc_sweep{suffix}.{name}.png")
     return 0
 
 
