@@ -22,6 +22,7 @@ Prints a Markdown table per model and writes, per model under ``--out``, ``adc_s
 
     python bench/adc_sweep.py                         # LeNet-5 and the VGG-style net, B = 4..10, 100 chips
     python bench/adc_sweep.py --quick                 # digits, B = 4 and 8, 3 chips, one epoch: a smoke test
+    python bench/adc_sweep.py --jobs 7 --device-type cuda   # a many-core GPU machine: the B values at once
 """
 from __future__ import annotations
 
