@@ -17,8 +17,8 @@ compiled model's sigma-0 accuracy (its clean accuracy, float readout); the table
 ``B`` whose compiled + calibrated mean keeps >= 98% of it (and the same for the raw compiled chips).
 
 Prints a Markdown table per model and writes, per model under ``--out``, ``adc_sweep.<model>.json``
-(rewritten after every resolution, so a sweep cut short keeps what it finished) and
-``adc_sweep.<model>.png`` (accuracy and energy against bits).
+(rewritten after every resolution, so a sweep cut short keeps what it finished; ``--replot`` prints
+and draws it again) and ``adc_sweep.<model>.png`` (accuracy and energy against bits).
 
     python bench/adc_sweep.py                         # LeNet-5 and the VGG-style net, B = 4..10, 100 chips
     python bench/adc_sweep.py --quick                 # digits, B = 4 and 8, 3 chips, one epoch: a smoke test
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import multiprocessing
 import os
 import platform
@@ -163,6 +164,16 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def summarize(result: dict, bits: list[int], samples: int, seed: int, png: Path) -> None:
+    """Print a model's table and the smallest resolution that keeps KEEP; draw its plot."""
+    print(f"\n{result['model']} on {result['data']} ({result['test_images']} test images, {samples} chips, seed {seed})")
+    print(table(result))
+    smallest, tried = result["smallest_bits"], f"none of B = {', '.join(map(str, bits))}"
+    print(f"smallest B keeping >= {KEEP:.0%} of the sigma-0 accuracy: compiled + calibrated "
+          f"{smallest['calibrated'] or tried}, compiled {smallest['compiled'] or tried}\n")
+    plot(result, png)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lenet5-mnist", "vgg-fashion"], choices=sorted(BENCHMARKS))
@@ -184,6 +195,8 @@ def main() -> int:
                              "validation chips stay on onnxruntime's CPU path)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="print the table of a saved adc_sweep.<model>.json and draw its PNG beside it")
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
@@ -197,14 +210,16 @@ def main() -> int:
                     "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "keep": KEEP, **result}, args.out / f"adc_sweep{suffix}.{result['model']}.json")
 
+    if args.replot:  # a saved sweep, finished or cut short: its table and plot again, nothing computed
+        result = json.loads(args.replot.read_text())
+        done, asked = [row["bits"] for row in result["rows"]], result["options"]["bits"]
+        if done != asked:
+            print(f"{args.replot}: cut short, B = {', '.join(map(str, done))} of {', '.join(map(str, asked))}")
+        summarize(result, done, result["options"]["samples"], result["options"]["seed"], args.replot.with_suffix(".png"))
+        return 0
     for name in args.models:
         result = run_model(name, BENCHMARKS[name], args, save)
-        print(f"\n{name} on {result['data']} ({result['test_images']} test images, {args.samples} chips, seed {args.seed})")
-        print(table(result))
-        smallest, tried = result["smallest_bits"], f"none of B = {', '.join(map(str, args.bits))}"
-        print(f"smallest B keeping >= {KEEP:.0%} of the sigma-0 accuracy: compiled + calibrated "
-              f"{smallest['calibrated'] or tried}, compiled {smallest['compiled'] or tried}\n")
-        plot(result, args.out / f"adc_sweep{suffix}.{name}.png")
+        summarize(result, args.bits, args.samples, args.seed, args.out / f"adc_sweep{suffix}.{name}.png")
     return 0
 
 
