@@ -36,8 +36,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from paper_table import BENCHMARKS, Benchmark  # bench/ is on sys.path when this script runs
 from rrcompile.calibrate import CalibratedEvaluator
 from rrcompile.compensation_training import CompensationConfig
