@@ -22,6 +22,7 @@ and the Monte Carlo evaluator run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -45,7 +46,7 @@ from rrcompile.passes.canonicalize import CanonicalizePass
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.passes.insert_variation import InsertVariationPass
 from rrcompile.passes.select_compensation import SelectCompensationPass
-from rrcompile.rl.environment import RANK_LEVELS, VALIDATION_CHIPS_FROM, CalibrationEnv, CompensationEnv
+from rrcompile.rl.environment import VALIDATION_CHIPS_FROM, CalibrationEnv, CompensationEnv
 from rrcompile.rl.reinforce import EPISODES, Reinforce
 from rrcompile.rl.selection import Fixed, GreedyBySensitivity, SearchResult, SelectionStrategy
 
@@ -125,8 +126,8 @@ class CompileResult:
 
 
 def calibration_ranks(model: onnx.ModelProto, budget: float, projection: str = "chip") -> dict[str, int]:
-    """The largest rank of ``RANK_LEVELS`` each layer's slot could take alone within ``budget``,
-    every slot's gain and offset paid first: the choices the agent starts from. A correction of a
+    """The largest rank each layer's slot could take alone within ``budget``, every slot's gain
+    and offset paid first: the ranks the agent chooses up to. A correction of a
     layer has rank ``min(rows, cols)`` at most; with a per-chip projection, weights past that rank
     buy nothing (a compiled projection may still use more directions than columns to choose from)."""
     layers = analog_layers(model)
@@ -138,8 +139,7 @@ def calibration_ranks(model: onnx.ModelProto, budget: float, projection: str = "
                           f"--trained-compensation")
     left = budget * total - floor
     useful = {layer.node: min(layer.rows, layer.cols) if projection == "chip" else layer.rows for layer in layers}
-    return {layer.node: max([r for r in RANK_LEVELS if r <= useful[layer.node] and r * (layer.rows + layer.cols) <= left] or [0])
-            for layer in layers}
+    return {layer.node: min(useful[layer.node], math.floor(left / (layer.rows + layer.cols))) for layer in layers}
 
 
 def _derived(config, derived: dict[str, tuple[object, str]]):
@@ -229,7 +229,7 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     choice = stage("RL selection", lambda: agent.select(env, options.budget))
     selection = {"none": Fixed(keep_all=False).select(env, options.budget),
                  "greedy": GreedyBySensitivity().select(env, options.budget), label: choice}
-    ranks = env.rank_config(choice.keep)
+    ranks = env.rank_config(choice.values)
     return with_ranks(model, ranks), selection, ranks, x_calibration
 
 

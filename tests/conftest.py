@@ -68,6 +68,23 @@ def small_compensation_env():
                            chips=3, seed=1, overhead_weight=0.5)
 
 
+def small_calibration_env(budget: float = 0.05):
+    """The digits CNN with a calibration slot per layer at the largest rank ``budget`` affords, 200
+    images (the first 64 calibrate), 2 chips: a small rank-selection problem."""
+    from rrcompile.data import load_data
+    from rrcompile.devices import parse_device
+    from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
+    from rrcompile.pipeline import calibration_ranks, canonicalize
+    from rrcompile.rl.environment import CalibrationEnv
+
+    model = canonicalize(onnx.load(str(DIGITS_MODEL)))
+    slotted = InsertCompensationCandidatesPass(ranks=calibration_ranks(model, budget), calibrated=True)(model).model
+    data = load_data("digits").subset(200)
+    x = data.x / np.float32(255)
+    return CalibrationEnv(slotted, parse_device("lognormal:sigma=0.5"), x[:64], x, data.y, chips=2,
+                          overhead_weight=0.1, max_overhead=budget)
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -224,7 +224,7 @@ def test_compile_runs_the_strategy_it_is_given(digits):
         name = "first"
 
         def select(self, env, budget):
-            return search_result(env, [env.affordable(0, []) - 1] + [0] * (env.steps - 1), [])
+            return search_result(env, [env.choices(0, [])[-1]] + [0] * (env.steps - 1), [])
 
     model, x, y = digits
     result = compile(model, x, y, small(strategy=FirstLayerOnly(), noise_injection=False, lipschitz=False),

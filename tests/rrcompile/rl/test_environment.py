@@ -6,14 +6,14 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS_MODEL, with_up_weights
+from conftest import DIGITS_MODEL, small_calibration_env, with_up_weights
 
 from rrcompile.data import load_data
 from rrcompile.devices import parse_device
 from rrcompile.evaluate import MonteCarloEvaluator
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
-from rrcompile.rl.environment import FEATURES, CompensationEnv
+from rrcompile.rl.environment import FEATURES, OVERHEAD_TOLERANCE, RANK_FRACTIONS, CompensationEnv
 
 DEVICE = "lognormal:sigma=0.5"
 
@@ -65,3 +65,20 @@ def test_configurations_over_the_budget_score_below_every_valid_one(setup):
     over = [keep for keep in configs if env.overhead(keep) > 0.01]
     assert over and all(env.reward(keep) == -1.0 for keep in over)
     assert all(env.reward(keep) > -1.0 for keep in configs if keep not in over)
+
+
+def test_calibration_options_are_fractions_of_the_rank_the_budget_still_affords():
+    env = small_calibration_env()
+    assert env.width == len(RANK_FRACTIONS)
+    assert [env.levels(step)[-1] for step in range(env.steps)] == [c.rank for c in env.candidates]
+    chosen: list[int] = []
+    for step in range(env.steps):
+        choices = env.choices(step, chosen)
+        assert len(choices) == env.width and choices == sorted(choices) and choices[0] == 0
+        assert set(choices) <= set(env.levels(step))
+        most = [*chosen, choices[-1], *[0] * (env.steps - step - 1)]
+        assert env.overhead(most) <= env.max_overhead + OVERHEAD_TOLERANCE
+        if choices[-1] < env.levels(step)[-1]:  # the budget, not the slot, set the top: one rank more is over it
+            assert env.overhead([*most[:step], choices[-1] + 1, *most[step + 1:]]) > env.max_overhead
+        chosen.append(choices[-1])
+    assert env.reward(chosen) > -1.0  # every episode the agent can play is within the budget
