@@ -13,7 +13,7 @@ For each model and log-normal sigma, on the test set over the same ``--samples``
 Every column is evaluated on the same chips.
 
 Every method that fine-tunes does so for the benchmark's own epochs: 5 on the MNIST-sized sets;
-30, with a longer patience, on digits (1,437 training images, about 11 steps an epoch).
+30, with a longer patience, on digits (1,347 training images, 10 steps an epoch).
 Trained models and per-cell results (with every chip's accuracy) are cached under ``--out``, keyed
 by model, sigma, seed, epochs, patience and budget, so a rerun only computes what is missing
 (``--fresh`` recomputes). Prints one Markdown table and writes ``paper_table.json`` and, per
