@@ -220,7 +220,7 @@ class CalibrationEnv(CompensationEnv):
     """Rewards of rank configurations of ``model``'s calibratable slots under ``device``.
 
     A configuration is a rank per slot, from 0 (a gain and offset only) to the rank inserted. The
-    agent's option ``i`` at a slot is rank ``round(RANK_FRACTIONS[i] * top)``, ``top`` the largest
+    agent's option ``i`` at a slot is rank ``RANK_FRACTIONS[i] * top`` rounded half up, ``top`` the largest
     rank the budget affords there after the slots before it and the gains and offsets of all.
     A configuration's accuracy is the mean, over ``chips`` validation chips, of each chip's
     accuracy *after* it is calibrated on ``x_calibration`` with that configuration's ranks; its

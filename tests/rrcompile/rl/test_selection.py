@@ -31,9 +31,14 @@ def test_every_strategy_has_a_name_and_scores_its_choice_in_the_environment(env)
         assert result.layers == tuple(c.layer for c in env.candidates)
 
 
-def test_climb_spends_the_budget_while_one_level_up_somewhere_scores_higher():
-    env = small_calibration_env()
-    start = tuple(levels[0] for levels in map(env.levels, range(env.steps)))
+@pytest.fixture(scope="module")
+def calibration_env():
+    return small_calibration_env()
+
+
+def test_climb_spends_the_budget_while_one_level_up_somewhere_scores_higher(calibration_env):
+    env = calibration_env
+    start = tuple(env.levels(step)[0] for step in range(env.steps))
     climbed = climb(env, start, env.max_overhead)
     assert climbed != start and env.reward(climbed) > env.reward(start)
     assert env.overhead(climbed) <= env.max_overhead + OVERHEAD_TOLERANCE
@@ -43,8 +48,8 @@ def test_climb_spends_the_budget_while_one_level_up_somewhere_scores_higher():
             assert env.overhead(raised) > env.max_overhead + OVERHEAD_TOLERANCE or env.reward(raised) <= env.reward(climbed)
 
 
-def test_reinforce_refines_the_best_configuration_it_saw():
-    env = small_calibration_env()
+def test_reinforce_refines_the_best_configuration_it_saw(calibration_env):
+    env = calibration_env
     seen = Reinforce(episodes=2, seed=0, progress=False, refine=False).select(env, env.max_overhead)
     refined = Reinforce(episodes=2, seed=0, progress=False).select(env, env.max_overhead)
     assert refined.rewards == seen.rewards
