@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from rrcompile.compensation import Candidate, calibration_kind, candidates
+from rrcompile.compensation import Candidate, calibration_kind, candidates, weights_per_rank
 from rrcompile.crossbar import is_adc, layer_torch
 from rrcompile.devices import Adc, DeviceConfig, DeviceModel, crossbar_models, is_variation, noise_inputs, weight_models
 from rrcompile.errors import DataError
@@ -645,7 +645,7 @@ def with_ranks(model: onnx.ModelProto, ranks: Mapping[str, int]) -> onnx.ModelPr
 
 def slot_weights(layer: AnalogLayer, rank: int) -> int:
     """Digital weights of a calibratable slot of ``rank``: down and up, then a gain and an offset per column."""
-    return rank * (layer.rows + layer.cols) + 2 * layer.cols
+    return rank * weights_per_rank(layer) + 2 * layer.cols
 
 
 class CalibratedEvaluator:

@@ -32,6 +32,7 @@ import onnx
 from rrcompile.calibrate import (
     CALIBRATION_IMAGES, CalibrationConfig, Calibrator, SimulatedChip, fit_projections, slot_weights, slots, with_ranks,
 )
+from rrcompile.compensation import weights_per_rank
 from rrcompile.compensation_training import CompensationConfig, train_compensation
 from rrcompile.crossbar import ADC_IMAGES, needs_adc_ranges, with_adc_ranges
 from rrcompile.deploy import deploy
@@ -139,7 +140,7 @@ def calibration_ranks(model: onnx.ModelProto, budget: float, projection: str = "
                           f"--trained-compensation")
     left = budget * total - floor
     useful = {layer.node: min(layer.rows, layer.cols) if projection == "chip" else layer.rows for layer in layers}
-    return {layer.node: min(useful[layer.node], math.floor(left / (layer.rows + layer.cols))) for layer in layers}
+    return {layer.node: min(useful[layer.node], math.floor(left / weights_per_rank(layer))) for layer in layers}
 
 
 def _derived(config, derived: dict[str, tuple[object, str]]):

@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, slot_weights, with_ranks
-from rrcompile.compensation import Candidate, candidates
+from rrcompile.compensation import Candidate, candidates, weights_per_rank
 from rrcompile.devices import DeviceConfig
 from rrcompile.evaluate import BATCH_SIZE, MonteCarloEvaluator, make_session, session_accuracy
 from rrcompile.executor import IN_PROCESS, ChipExecutor
@@ -253,7 +253,7 @@ class CalibrationEnv(CompensationEnv):
         floor = sum(slot_weights(layer, 0) for layer in self.layers[step:])
         layer = self.layers[step]
         left = (self.max_overhead + OVERHEAD_TOLERANCE) * self.analog_weights - spent - floor
-        top = max(0, min(self.candidates[step].rank, math.floor(left / (layer.rows + layer.cols))))
+        top = max(0, min(self.candidates[step].rank, math.floor(left / weights_per_rank(layer))))
         return [math.floor(fraction * top + 0.5) for fraction in RANK_FRACTIONS]
 
     def rank_config(self, ranks: Sequence[int]) -> dict[str, int]:

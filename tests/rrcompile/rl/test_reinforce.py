@@ -27,4 +27,3 @@ def test_reinforce_is_seeded_and_returns_the_best_configuration_it_saw(env):
 def test_reinforce_reaches_the_exhaustive_optimum_of_a_small_space(env):
     best = max(env.reward(keep) for keep in itertools.product([0, 1], repeat=env.steps))
     assert Reinforce(EPISODES, seed=0, progress=False).select(env, budget=1.0).reward == pytest.approx(best)
-
