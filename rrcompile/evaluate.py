@@ -85,6 +85,13 @@ def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
     options.intra_op_num_threads = _threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # ORT warns about noise inputs a sigma=0 graph never reads
+    # idle threads stop spinning after 1 ms: onnxruntime's default spin outlasts a run by tens of
+    # ms, and a process here runs many sessions in turn (a clean pass, then chips; a chip, its
+    # calibration's solves, its calibrated pass), each one's cores taken by the last one's
+    # spinning threads. LeNet-5, 2 idle cores: a chip's pass right after a clean session's took
+    # 112 ms with the default, 87-89 ms with this, as after another chip; bench/mc_throughput.py
+    # 0.926-0.949 against 0.867-0.893 without, alternated, clean inference as fast.
+    options.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
     # memory patterns stay on (the default) even for a chip's session, which lives for one pass:
     # Monte Carlo / clean throughput (bench/mc_throughput.py, LeNet-5, 2 idle cores) 0.90 with them
     # against 0.85-0.86 without, in alternated pairs
