@@ -248,7 +248,9 @@ class Preprocess:
         return cls(scale_value, _parse_numbers("mean", mean), _parse_numbers("std", std))
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float32)
+        # a copy worked on in place: the float32 operations of ``(x / scale - mean) / std`` without
+        # three temporaries as large as the data (MNIST's train set: 0.2 s instead of 0.8-1.6 s)
+        x = np.array(x, np.float32)
         channels = x.shape[1] if x.ndim >= 3 else 1  # [N, F] has no channel axis
         for label, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, channels):
@@ -256,11 +258,13 @@ class Preprocess:
                                 f"has {channels} channel(s); give 1 value or {channels}")
         mean, std = (np.asarray(v, np.float32).reshape([len(v) if axis == 1 else 1 for axis in range(x.ndim)])
                      for v in (self.mean, self.std))
-        result = ((x / np.float32(self.scale) - mean) / std).astype(np.float32)
-        if not np.isfinite(result).all():
+        x /= np.float32(self.scale)
+        x -= mean
+        x /= std
+        if not np.isfinite(x).all():
             raise DataError(f"preprocess scale {self.scale:g}, mean {list(self.mean)}, std {list(self.std)}: "
                             f"the inputs overflow to Inf")
-        return result
+        return x
 
 
 def _parse_numbers(label: str, text: str, single: bool = False) -> tuple[float, ...]:

@@ -225,6 +225,17 @@ def test_preprocess_per_channel_math():
     np.testing.assert_allclose(Preprocess.parse(1, "1", "2").apply(flat), np.full((3, 10), 25.0))
 
 
+def test_preprocess_leaves_its_input_alone_and_equals_the_formula_bit_for_bit():
+    x = np.random.default_rng(1).uniform(0, 255, (4, 3, 5, 5)).astype(np.float32)
+    before = x.copy()
+    pre = Preprocess.parse("255", "0.4914,0.4822,0.4465", "0.247,0.243,0.261")
+    mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    assert np.array_equal(pre.apply(x), (x / np.float32(255) - mean) / std)
+    assert np.array_equal(x, before)
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    assert np.array_equal(Preprocess().apply(pixels), pixels.astype(np.float32) / np.float32(255))
+
+
 def test_preprocess_rejects_bad_values():
     with pytest.raises(DataError, match="scale"):
         Preprocess.parse("0", "0", "1")
