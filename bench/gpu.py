@@ -11,6 +11,11 @@ stage runs with ``device_type="cpu"`` and then with ``"cuda"``, on the same chip
 3. Fine-tune: seconds for one epoch of noise-injection fine-tuning on ``--train-images`` images,
    the whole ``finetune`` call (its validation chips stay on onnxruntime's CPU path by design).
 
+``--models`` may also name ``bench/scaling.py``'s ResNets (``resnet20-cifar``,
+``resnet50-imagenet``: written there, random weights): for them only Monte Carlo is measured, on
+``--synthetic-images`` random images, since only the time matters and a GPU is where an
+ImageNet-size model's chips belong.
+
 The first chip of each path is a warm-up (CUDA context, kernel choice) and is not timed.
 Writes ``gpu.json`` to ``--out`` and prints the table, Markdown. Without a GPU it says so and
 exits 2, unless ``--device-types cpu`` (to check the script on a machine without one).
@@ -34,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from calibration_speed import available_benchmarks, slotted_at_budget  # noqa: E402
+import scaling  # noqa: E402
 
 from rrcompile.calibrate import Calibrator, SimulatedChip  # noqa: E402
 from rrcompile.devices import parse_device  # noqa: E402
@@ -85,6 +91,19 @@ def finetune_epoch(model, device, x, y, device_type: str) -> dict:
     return {"seconds": seconds, "clean_val": result.history[-1].clean_val}
 
 
+def _rows(name: str, per_type: dict) -> list[list[str]]:
+    """The table's rows of one model: a row per device type, accuracies against the first type's."""
+    first, rows = next(iter(per_type.values())), []
+    for device_type, measured in per_type.items():
+        difference = max(abs(a - b) for a, b in zip(measured["monte_carlo"]["accuracies"],
+                                                     first["monte_carlo"]["accuracies"]))
+        rows.append([name, device_type, measured["monte_carlo"]["session"],
+                     f"{measured['monte_carlo']['seconds_per_chip']:.3f}", f"{difference * 100:.2f}",
+                     f"{measured['calibration']['seconds_per_chip']:.3f}" if "calibration" in measured else "-",
+                     f"{measured['finetune_epoch']['seconds']:.1f}" if "finetune_epoch" in measured else "-"])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet5-mnist,vgg-fashion")
@@ -93,6 +112,8 @@ def main() -> int:
     parser.add_argument("--chips", type=int, default=5, help="timed chips per stage and path")
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=500, help="Monte Carlo inference batch")
+    parser.add_argument("--synthetic-images", type=int, default=256,
+                        help="random images per chip for the ResNets of bench/scaling.py")
     parser.add_argument("--out", default=str(REPO / "build" / "gpu"))
     args = parser.parse_args()
     device_types = args.device_types.split(",")
@@ -105,8 +126,19 @@ def main() -> int:
                f"onnxruntime {ort.__version__} (providers {', '.join(ort.get_available_providers())})")
     print(machine, flush=True)
     results, rows = {}, []
-    for name, (model, x_train, y_train, x_test, test) in available_benchmarks(args.models.split(","),
-                                                                              args.train_images):
+    names = args.models.split(",")
+    synthetic = [name for name in names if "file" not in scaling.MODELS.get(name, {"file": None})]
+    for name in synthetic:
+        model, x_test, y_test, _, _ = scaling.model_and_data(name, args.synthetic_images, 0)
+        per_type = {}
+        for device_type in device_types:
+            print(f"{name}, {device_type} ...", flush=True)
+            per_type[device_type] = {"monte_carlo": monte_carlo(model, device, x_test, y_test, args.chips, device_type,
+                                                                args.batch_size)}
+        results[name] = per_type
+        rows += _rows(name, per_type)
+    for name, (model, x_train, y_train, x_test, test) in available_benchmarks(
+            [name for name in names if name not in synthetic], args.train_images):
         x_few = x_train[:PROJECTION_IMAGES]
         slotted, _ = slotted_at_budget(model, device, x_few, BUDGET, seed=0)
         per_type = {}
@@ -118,19 +150,12 @@ def main() -> int:
                 "finetune_epoch": finetune_epoch(model, device, x_train, y_train, device_type),
             }
         results[name] = per_type
-        first = per_type[device_types[0]]
-        for device_type, measured in per_type.items():
-            difference = max(abs(a - b) for a, b in zip(measured["monte_carlo"]["accuracies"],
-                                                         first["monte_carlo"]["accuracies"]))
-            rows.append([name, device_type, measured["monte_carlo"]["session"],
-                         f"{measured['monte_carlo']['seconds_per_chip']:.3f}", f"{difference * 100:.2f}",
-                         f"{measured['calibration']['seconds_per_chip']:.3f}",
-                         f"{measured['finetune_epoch']['seconds']:.1f}"])
+        rows += _rows(name, per_type)
     os.makedirs(args.out, exist_ok=True)
     write_json({"args": vars(args), "machine": machine, "models": results}, os.path.join(args.out, "gpu.json"))
-    print(f"\n{args.device}; {args.chips} timed chips (medians); Monte Carlo over the whole test set, batch "
-          f"{args.batch_size}; calibration on {CALIBRATION_IMAGES} images; one fine-tune epoch on "
-          f"{args.train_images:,} images\n{machine}\n")
+    print(f"\n{args.device}; {args.chips} timed chips (medians); Monte Carlo over the whole test set "
+          f"({args.synthetic_images} random images for the ResNets), batch {args.batch_size}; calibration on "
+          f"{CALIBRATION_IMAGES} images; one fine-tune epoch on {args.train_images:,} images\n{machine}\n")
     print(format_table(["model", "device type", "Monte Carlo session", "s per chip", "max accuracy diff (points)",
                         "calibration s per chip", "fine-tune epoch s"], rows, "lllrrrr", markdown=True))
     return 0
