@@ -5,7 +5,8 @@ stage runs with ``device_type="cpu"`` and then with ``"cuda"``, on the same chip
 
 1. Monte Carlo: seconds per chip over the whole test set. The CPU path is onnxruntime; on CUDA it
    is onnxruntime's CUDA provider where this onnxruntime has it, else rrcompile's torch executor
-   (the JSON says which). The per-chip accuracies of both paths are compared chip for chip.
+   (the JSON says which). The per-chip accuracies of both paths are compared chip for chip, and
+   chip 0's outputs on the first 16 test images (largest difference over the largest output).
 2. Calibration: seconds to measure and calibrate one chip on 256 images, slots at the largest
    ranks the 3% budget allows each layer (as ``bench/calibration_speed.py``).
 3. Fine-tune: seconds for one epoch of noise-injection fine-tuning on ``--train-images`` images,
@@ -14,7 +15,9 @@ stage runs with ``device_type="cpu"`` and then with ``"cuda"``, on the same chip
 ``--models`` may also name ``bench/scaling.py``'s ResNets (``resnet20-cifar``,
 ``resnet50-imagenet``: written there, random weights): for them only Monte Carlo is measured, on
 ``--synthetic-images`` random images, since only the time matters and a GPU is where an
-ImageNet-size model's chips belong.
+ImageNet-size model's chips belong. Their labels are the clean network's own top-1 classes (on
+onnxruntime), so a chip's accuracy is its agreement with the clean network, and comparing it
+across paths means something (random labels would give 0% on every chip).
 
 The first chip of each path is a warm-up (CUDA context, kernel choice) and is not timed.
 Writes ``gpu.json`` to ``--out`` and prints the table, Markdown. Without a GPU it says so and
@@ -32,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -50,6 +54,7 @@ from rrcompile.report import format_table, write_json  # noqa: E402
 BUDGET = 0.03
 CALIBRATION_IMAGES = 256
 PROJECTION_IMAGES = 2000  # the training images the slots' compile-time projections are fitted on
+LOGIT_IMAGES = 16  # chip 0's outputs on these first test images are compared across paths too
 
 
 def _timed(call) -> tuple[float, object]:
@@ -70,8 +75,10 @@ def monte_carlo(model, device, x, y, chips: int, device_type: str, batch_size: i
         spent, accuracy = _timed(lambda: evaluator.chip_accuracy(x, y, 0, chip))
         seconds.append(spent)
         accuracies.append(accuracy)
+    session, _ = evaluator.chip(0, 0)
+    logits = session.run(None, {evaluator.input_name: x[:LOGIT_IMAGES]})[0]
     return {"seconds_per_chip": statistics.median(seconds), "accuracies": accuracies,
-            "session": type(evaluator.clean_session).__name__}
+            "first_chip_logits": logits.tolist(), "session": type(evaluator.clean_session).__name__}
 
 
 def calibration(slotted, device, x_calibration, chips: int, device_type: str) -> dict:
@@ -94,11 +101,14 @@ def finetune_epoch(model, device, x, y, device_type: str) -> dict:
 def _rows(name: str, per_type: dict) -> list[list[str]]:
     """The table's rows of one model: a row per device type, accuracies against the first type's."""
     first, rows = next(iter(per_type.values())), []
+    reference = np.asarray(first["monte_carlo"]["first_chip_logits"])
     for device_type, measured in per_type.items():
         difference = max(abs(a - b) for a, b in zip(measured["monte_carlo"]["accuracies"],
                                                      first["monte_carlo"]["accuracies"]))
+        logits = np.abs(np.asarray(measured["monte_carlo"]["first_chip_logits"]) - reference).max()
         rows.append([name, device_type, measured["monte_carlo"]["session"],
                      f"{measured['monte_carlo']['seconds_per_chip']:.3f}", f"{difference * 100:.2f}",
+                     f"{logits / np.abs(reference).max():.1e}",
                      f"{measured['calibration']['seconds_per_chip']:.3f}" if "calibration" in measured else "-",
                      f"{measured['finetune_epoch']['seconds']:.1f}" if "finetune_epoch" in measured else "-"])
     return rows
@@ -129,7 +139,10 @@ def main() -> int:
     names = args.models.split(",")
     synthetic = [name for name in names if "file" not in scaling.MODELS.get(name, {"file": None})]
     for name in synthetic:
-        model, x_test, y_test, _, _ = scaling.model_and_data(name, args.synthetic_images, 0)
+        model, x_test, _, _, _ = scaling.model_and_data(name, args.synthetic_images, 0)
+        clean = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y_test = np.concatenate([clean.run(None, {clean.get_inputs()[0].name: x_test[start:start + args.batch_size]})[0]
+                                 .argmax(axis=1) for start in range(0, len(x_test), args.batch_size)])
         per_type = {}
         for device_type in device_types:
             print(f"{name}, {device_type} ...", flush=True)
@@ -157,7 +170,8 @@ def main() -> int:
           f"({args.synthetic_images} random images for the ResNets), batch {args.batch_size}; calibration on "
           f"{CALIBRATION_IMAGES} images; one fine-tune epoch on {args.train_images:,} images\n{machine}\n")
     print(format_table(["model", "device type", "Monte Carlo session", "s per chip", "max accuracy diff (points)",
-                        "calibration s per chip", "fine-tune epoch s"], rows, "lllrrrr", markdown=True))
+                        f"chip 0's max logit diff ({LOGIT_IMAGES} images, relative)", "calibration s per chip",
+                        "fine-tune epoch s"], rows, "lllrrrrr", markdown=True))
     return 0
 
 
