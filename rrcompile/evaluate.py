@@ -92,12 +92,14 @@ def _session_options(*, short_lived: bool = False) -> ort.SessionOptions:
     # 112 ms with the default, 87-89 ms with this, as after another chip; bench/mc_throughput.py
     # 0.926-0.949 against 0.867-0.893 without, alternated, clean inference as fast.
     options.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
-    # memory patterns stay on (the default) even for a chip's session, which lives for one pass:
-    # Monte Carlo / clean throughput (bench/mc_throughput.py, LeNet-5, 2 idle cores) 0.90 with them
-    # against 0.85-0.86 without, in alternated pairs
     if short_lived:
         _share_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
+        # no memory pattern for a session that lives for one pass: its first two runs would trace
+        # and plan one (a chip's first two batches of 500 took 6.1 and 5.4 ms against 4.5 after,
+        # LeNet-5 on 2 idle cores); without one, the shared arena hands out what earlier chips'
+        # passes freed, and every batch runs at the steady pace
+        options.enable_mem_pattern = False
     return options
 
 
@@ -181,8 +183,9 @@ def session_accuracy(session: ort.InferenceSession, input_name: str, x: np.ndarr
     """Top-1 accuracy of a classifier session; ``extra()`` adds to each batch's feed (noise inputs)."""
     correct = 0
     for xb, yb in batches(x, y, batch_size):
-        logits = session.run(None, {input_name: xb, **extra()})[0]
-        correct += int(np.sum(np.argmax(logits.reshape(len(xb), -1), axis=1) == yb))
+        # the logits go before the next run: a chip session's outputs live in the shared arena,
+        # and one held through the next run slows it (LeNet-5, 2 idle cores: 96 against 90 ms a pass)
+        correct += int(np.sum(np.argmax(session.run(None, {input_name: xb, **extra()})[0].reshape(len(xb), -1), axis=1) == yb))
     return correct / len(y)
 
 
