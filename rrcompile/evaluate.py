@@ -183,10 +183,15 @@ def session_accuracy(session: ort.InferenceSession, input_name: str, x: np.ndarr
     """Top-1 accuracy of a classifier session; ``extra()`` adds to each batch's feed (noise inputs)."""
     correct = 0
     for xb, yb in batches(x, y, batch_size):
-        # the logits go before the next run: a chip session's outputs live in the shared arena,
-        # and one held through the next run slows it (LeNet-5, 2 idle cores: 96 against 90 ms a pass)
-        correct += int(np.sum(np.argmax(session.run(None, {input_name: xb, **extra()})[0].reshape(len(xb), -1), axis=1) == yb))
+        # a batch's logits are gone before the next run: a chip session's outputs live in the
+        # shared arena, and one held through the next run slows it (LeNet-5, 2 idle cores: 96
+        # against 90 ms a pass)
+        correct += _correct(session.run(None, {input_name: xb, **extra()})[0], yb)
     return correct / len(y)
+
+
+def _correct(logits: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.sum(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch_size: int = BATCH_SIZE) -> float:
