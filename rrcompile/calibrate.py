@@ -251,8 +251,14 @@ def _columns(slot: Slot, y: torch.Tensor) -> torch.Tensor:
 def _patches(slot: Slot, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as the rows its weight multiplies (im2col patches for a conv), in the
     order :func:`_columns` gives the outputs: [positions, rows]."""
+    return _patch_columns(slot, x).T
+
+
+def _patch_columns(slot: Slot, x: torch.Tensor) -> torch.Tensor:
+    """:func:`_patches` as [rows, positions]: for a conv, the layout im2col gives each image, so
+    this copies once where [positions, rows] copies twice."""
     if not slot.is_conv:
-        return x.reshape(-1, slot.layer.rows)
+        return x.reshape(-1, slot.layer.rows).T
     attrs = slot.attrs
     spatial = x.dim() - 2
     if spatial not in (1, 2):
@@ -263,7 +269,8 @@ def _patches(slot: Slot, x: torch.Tensor) -> torch.Tensor:
         x, kernel = x.unsqueeze(2), (1, *kernel)
         pads, strides, dilations = [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations]
     padded = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
-    return F.unfold(padded, kernel, dilation=dilations, stride=strides).transpose(1, 2).reshape(-1, slot.layer.rows)
+    per_image = F.unfold(padded, kernel, dilation=dilations, stride=strides)  # [images, rows, positions]
+    return per_image.transpose(0, 1).reshape(slot.layer.rows, -1)
 
 
 def _ridge(diagonal: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -299,10 +306,10 @@ def _moments(slot: Slot, x: torch.Tensor, error: torch.Tensor, per_image: int) -
     cross = error.new_zeros(slot.layer.rows, error.shape[1])
     inputs = error.new_zeros(slot.layer.rows)
     for start in range(0, len(x), 64):  # patches a chunk of images at a time: VGG-sized convs stay small
-        patches = _patches(slot, x[start:start + 64]).double()
-        gram += patches.T @ patches
-        cross += patches.T @ error[start * per_image:start * per_image + len(patches)]
-        inputs += patches.sum(0)
+        columns = _patch_columns(slot, x[start:start + 64]).double()
+        gram += columns @ columns.T
+        cross += columns @ error[start * per_image:start * per_image + columns.shape[1]]
+        inputs += columns.sum(1)
     return _Moments(gram, cross, inputs, error.sum(0), (error * error).sum(), len(error))
 
 
@@ -366,25 +373,27 @@ def solve_tensors(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Ten
     """(down, up, gain, offset) of ``slot`` for one chip, shaped like its initializers, from the
     chip's layer input ``x`` and raw output ``y`` and the output ``ideal`` it should have given;
     ``down`` is the compiled one unless the config solves it per chip."""
+    measured, wanted = _columns(slot, y), _columns(slot, ideal)
     if config.projection == "chip" and down.numel():
         rank = down.shape[0] if slot.is_conv else down.shape[1]
         # the directions come from the whole error, not what a gain leaves of it: a gain fitted
         # first mixes the layer's own weights into the residual, which then is no longer low rank
-        down = chip_projection(slot, x, _columns(slot, ideal.double() - y.double()), rank, config.projection_ridge)
-    return (down, *_solve_given(slot, x, y, ideal, down, config))
+        down = chip_projection(slot, x, wanted.double() - measured.double(), rank, config.projection_ridge)
+    column_shape = (measured.shape[1],) + (1,) * (y.dim() - 2) if slot.is_conv else (measured.shape[1],)
+    return (down, *_solve_given(slot, x, measured, wanted, down, config, column_shape))
 
 
-def _solve_given(slot: Slot, x: torch.Tensor, y: torch.Tensor, ideal: torch.Tensor, down: torch.Tensor,
-                 config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(up, gain, offset) for a given down projection."""
-    raw, error = _columns(slot, y).double(), (_columns(slot, ideal) - _columns(slot, y)).double()
+def _solve_given(slot: Slot, x: torch.Tensor, measured: torch.Tensor, wanted: torch.Tensor, down: torch.Tensor,
+                 config: CalibrationConfig, column_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(up, gain, offset) for a given down projection, from the layer's raw and ideal outputs as
+    columns (:func:`_columns`); the gain and offset come shaped ``column_shape``."""
+    raw, error = measured.double(), (wanted - measured).double()
     # a rank-0 slot (gain and offset only) has no branch to run (torch has no 0-channel conv)
     features = _down(slot, x, down).double() if down.numel() else raw.new_zeros(len(raw), 0)
     rank, cols = features.shape[1], raw.shape[1]
-    column_shape = (cols,) + (1,) * (y.dim() - 2) if slot.is_conv else (cols,)
     if not config.affine and not rank:  # nothing to solve: a rank-0 slot with its gain and offset held
         return down.new_zeros(cols, 0, *down.shape[2:]) if slot.is_conv else down.new_zeros(0, cols), \
-            y.new_ones(column_shape), y.new_zeros(column_shape)
+            measured.new_ones(column_shape), measured.new_zeros(column_shape)
     if config.affine:
         shared = torch.cat([features, features.new_ones(len(features), 1)], dim=1)  # [M, r + 1]
         # per column j the features are [y_j, shared]: a batched (r + 2)-square system
