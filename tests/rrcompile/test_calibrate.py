@@ -312,3 +312,27 @@ def test_the_projection_ridge_is_chosen_by_held_out_error(noise, chosen):
     half = 128
     folds = [_moments(slot, x[:half], error[:half], 1), _moments(slot, x[half:], error[half:], 1)]
     assert _held_out_ridge(folds, rank=2) == chosen
+
+
+@pytest.mark.parametrize("pads, strides, dilations", [([0, 0, 0, 0], [1, 1], [1, 1]), ([1, 2, 0, 1], [2, 1], [1, 2])])
+def test_a_conv_slots_moments_are_sums_over_its_patches_in_output_order(pads, strides, dilations):
+    # each patch must meet the error of its own output position: positions (image, row, column),
+    # as a conv's outputs are laid out in columns, over two chunks of images (70 > 64)
+    rng = np.random.default_rng(5)
+    channels, kernel, cols, images = 3, (3, 2), 4, 70
+    slot = types.SimpleNamespace(is_conv=True, attrs=dict(pads=pads, strides=strides, dilations=dilations),
+                                 layer=types.SimpleNamespace(rows=channels * kernel[0] * kernel[1], node="conv",
+                                                             weight_shape=(cols, channels, *kernel)))
+    x = torch.from_numpy(rng.standard_normal((images, channels, 7, 6)))
+    padded = torch.nn.functional.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    span = [d * (k - 1) + 1 for d, k in zip(dilations, kernel)]
+    out_h, out_w = [(padded.shape[2 + i] - span[i]) // strides[i] + 1 for i in range(2)]
+    patches = torch.stack([
+        padded[n, :, i * strides[0]:i * strides[0] + span[0]:dilations[0], j * strides[1]:j * strides[1] + span[1]:dilations[1]]
+        .reshape(-1) for n in range(images) for i in range(out_h) for j in range(out_w)])
+    error = torch.from_numpy(rng.standard_normal((len(patches), cols)))
+    moments = _moments(slot, x, error, out_h * out_w)
+    assert moments.count == len(patches)
+    torch.testing.assert_close(moments.gram, patches.T @ patches)
+    torch.testing.assert_close(moments.cross, patches.T @ error)
+    torch.testing.assert_close(moments.inputs, patches.sum(0))
