@@ -177,9 +177,10 @@ def _profiles(model, device, found, x, y, chips, seed, batch_size) -> list[Layer
     layers = {layer.node: layer for layer in analog_layers(model)}
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     norms = SpectralReport.of([(layers[c.layer], weights[layers[c.layer].weight]) for c in found]).norms
-    # a candidate switched off passes its layer's output on unchanged (``Y + 0 * branch``, a slot's
-    # gain 1 and offset 0), so the network without them gives the same numbers without computing
-    # every branch only to multiply it by 0 (LeNet-5's slots at the budget's ranks: 1.1 s against 3.4)
+    # a candidate switched off passes its layer's output on unchanged (``Y + 0 * branch``; a
+    # calibration slot as inserted has gain 1 and offset 0), so the network without them gives the
+    # same numbers without computing every branch only to multiply it by 0 (LeNet-5's slots at the
+    # budget's ranks: 1.1 s against 3.4 s)
     bare = SelectCompensationPass([])(model).model
     clean_accuracy = session_accuracy(make_session(bare), model_io(bare)[0], x, y, batch_size)
     errors = _feature_errors(bare, device, found, x[:FEATURE_ERROR_IMAGES], chips, seed)

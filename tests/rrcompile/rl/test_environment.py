@@ -9,11 +9,12 @@ import pytest
 from conftest import DIGITS_MODEL, small_calibration_env, with_up_weights
 
 from rrcompile.data import load_data
-from rrcompile.devices import parse_device
-from rrcompile.evaluate import MonteCarloEvaluator
+from rrcompile.devices import DeviceConfig, parse_device
+from rrcompile.evaluate import MonteCarloEvaluator, session_accuracy
+from rrcompile.graph import analog_layers
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
-from rrcompile.rl.environment import FEATURES, OVERHEAD_TOLERANCE, RANK_FRACTIONS, CompensationEnv
+from rrcompile.rl.environment import FEATURES, OVERHEAD_TOLERANCE, RANK_FRACTIONS, CompensationEnv, _mean_chip_accuracy
 
 DEVICE = "lognormal:sigma=0.5"
 
@@ -82,3 +83,18 @@ def test_calibration_options_are_fractions_of_the_rank_the_budget_still_affords(
             assert env.overhead([*most[:step], choices[-1] + 1, *most[step + 1:]]) > env.max_overhead
         chosen.append(choices[-1])
     assert env.reward(chosen) > -1.0  # every episode the agent can play is within the budget
+
+
+def test_layer_sensitivities_are_those_of_the_slotted_network_with_every_gate_off():
+    # profiles run on the network without its slots: a slot as inserted (gate off, gain 1, offset
+    # 0, up 0) passes its layer's output on unchanged, so the numbers must be the same
+    env = small_calibration_env()
+    x, y, off = env.x, env.y, env.gates((0,) * env.steps)
+    gated = MonteCarloEvaluator(env.model, env.device, fold_slots=False)
+    clean = session_accuracy(gated.clean_session, gated.input_name, x, y, gated.batch_size, lambda: off)
+    for profile in env.profiles:
+        layer = next(layer for layer in analog_layers(env.model) if layer.node == profile.layer)
+        alone = DeviceConfig([], {layer.node: env.device.for_layer(layer.node, layer.weight)})
+        varied = _mean_chip_accuracy(MonteCarloEvaluator(env.model, alone, fold_slots=False), x, y, env.chips, env.seed, off)
+        assert profile.sensitivity == clean - varied
+    assert any(profile.sensitivity != 0 for profile in env.profiles)
