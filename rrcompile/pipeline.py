@@ -234,14 +234,16 @@ def _calibration_slots(model, x, y, options: CompileOptions, stage, progress: bo
     return with_ranks(model, ranks), selection, ranks, x_calibration
 
 
-def _trained_compensation(model, x, y, options: CompileOptions, train: CompensationConfig, stage, progress: bool):
+def _trained_compensation(model, x, y, options: CompileOptions, train: CompensationConfig, stage, progress: bool,
+                          executor: ChipExecutor):
     """(model with the kept trained compensation, selection, kept layers): the paper's method."""
     x_train, y_train, x_val, y_val = split_validation(x, y, options.finetune.val_fraction, options.seed)
     model = stage("insert candidates", lambda: InsertCompensationCandidatesPass(options.budget, seed=options.seed)(model).model)
     model = stage("train compensation", lambda: train_compensation(model, options.device, x_train, y_train, train, progress=progress)[0])
     env = stage("profile layers", lambda: CompensationEnv(
         model, options.device, x_val[:options.rl_images], y_val[:options.rl_images], chips=options.rl_chips,
-        seed=options.seed, overhead_weight=_overhead_weight(options, "trained"), max_overhead=options.budget))
+        seed=options.seed, overhead_weight=_overhead_weight(options, "trained"), max_overhead=options.budget,
+        executor=executor))
     label, agent = _agent(options, Fixed(keep_all=True), progress)
     choice = stage("RL selection", lambda: agent.select(env, options.budget))
     # greedy at the chosen overhead: what sensitivity alone buys for the same digital weights
@@ -259,7 +261,7 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
             progress: bool = True, log: Callable[[str], None] = print, executor: ChipExecutor = IN_PROCESS,
             ) -> CompileResult:
     """Compile ``model`` for ``options.device`` with training data ``x`` (prepared), ``y``; ``executor``
-    runs the agent's calibrated validation chips."""
+    runs the chips of the agent's layer profiles and its calibrated validation chips."""
     if options.calibration_finetune not in CALIBRATION_FINETUNES:
         raise OptionError(f"calibration fine-tune {options.calibration_finetune!r}: expected one of "
                           f"{', '.join(CALIBRATION_FINETUNES)}")
@@ -292,7 +294,7 @@ def compile(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Compi
             model = stage("fine-tune for calibration", lambda: finetune(model, x, y, config, progress=progress).model)
         calibration_seconds = _seconds_to_calibrate(model, options, x_calibration)
     elif options.compensation:
-        model, selection, kept = _trained_compensation(model, x, y, options, train, stage, progress)
+        model, selection, kept = _trained_compensation(model, x, y, options, train, stage, progress, executor)
     deployed, hardware = stage("deploy", lambda: deploy(
         model, options.tile, device=options.device, calibration_images=len(x_calibration) if calibrating else None,
         calibration_seconds=calibration_seconds))

@@ -71,13 +71,16 @@ class LayerProfile:
 class CompensationEnv:
     """Rewards of keep/drop configurations of ``model``'s compensation candidates under ``device``.
 
-    A configuration holds one value per step (candidate): here 0 drops it, 1 keeps it.
+    A configuration holds one value per step (candidate): here 0 drops it, 1 keeps it. ``executor``
+    runs the chips of the layer profiles; the configurations' chips run here, one session per chip
+    for them all.
     """
 
     def __init__(self, model: onnx.ModelProto, device: DeviceConfig, x: np.ndarray, y: np.ndarray, *,
                  chips: int = 8, seed: int = 0, overhead_weight: float = 1.0, max_overhead: float = 1.0,
-                 batch_size: int = BATCH_SIZE):
+                 batch_size: int = BATCH_SIZE, executor: ChipExecutor = IN_PROCESS):
         self.x, self.y = x, y
+        self.executor = executor
         self.overhead_weight, self.max_overhead = overhead_weight, max_overhead
         self.input_name = model_io(model)[0]
         self.candidates = _topological(model, candidates(model))
@@ -86,7 +89,7 @@ class CompensationEnv:
         self.chips, self.seed = chips, seed
         self._chip_sessions: list | None = None
         self._rewards: dict[tuple[int, ...], tuple[float, float]] = {}
-        self.profiles = _profiles(model, device, self.candidates, x, y, chips, seed, batch_size)
+        self.profiles = _profiles(model, device, self.candidates, x, y, chips, seed, batch_size, executor)
 
     @property
     def steps(self) -> int:
@@ -171,8 +174,9 @@ def _mean_chip_accuracy(evaluator: MonteCarloEvaluator, x, y, chips: int, seed: 
     return float(np.mean(accuracies))
 
 
-def _profiles(model, device, found, x, y, chips, seed, batch_size) -> list[LayerProfile]:
-    """Per-candidate layer features, measured with every compensation switched off."""
+def _profiles(model, device, found, x, y, chips, seed, batch_size, executor: ChipExecutor) -> list[LayerProfile]:
+    """Per-candidate layer features, measured with every compensation switched off; ``executor``
+    runs the chips of each layer's sensitivity."""
     view = to_networkx(model)
     layers = {layer.node: layer for layer in analog_layers(model)}
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -188,7 +192,8 @@ def _profiles(model, device, found, x, y, chips, seed, batch_size) -> list[Layer
     for candidate in found:
         layer = layers[candidate.layer]
         alone = DeviceConfig([], {layer.node: device.for_layer(layer.node, layer.weight)}, adc_ranges=device.adc_ranges)
-        varied = MonteCarloEvaluator(bare, alone, batch_size=batch_size).chip_accuracies(x, y, chips, seed, progress=False)
+        varied = MonteCarloEvaluator(bare, alone, batch_size=batch_size).chip_accuracies(x, y, chips, seed, progress=False,
+                                                                                          executor=executor)
         attrs = view.nodes[candidate.layer]
         profiles.append(LayerProfile(candidate.layer, attrs["depth"], attrs["op"], attrs["params"], attrs["macs"] or 0,
                                      norms[candidate.layer], clean_accuracy - float(np.mean(varied)),
@@ -243,10 +248,9 @@ class CalibrationEnv(CompensationEnv):
                  max_overhead: float = 1.0, batch_size: int = BATCH_SIZE, calibration: CalibrationConfig | None = None,
                  executor: ChipExecutor = IN_PROCESS):
         self.model, self.device, self.x_calibration = model, device, x_calibration
-        self.executor = executor
         self.calibration = calibration or CalibrationConfig()
         super().__init__(model, device, x, y, chips=chips, seed=seed, overhead_weight=overhead_weight,
-                         max_overhead=max_overhead, batch_size=batch_size)
+                         max_overhead=max_overhead, batch_size=batch_size, executor=executor)
         layers = {layer.node: layer for layer in analog_layers(model)}
         self.layers = [layers[c.layer] for c in self.candidates]
         self._solves: dict = {}  # every configuration's chips calibrate on the same images: shared solves

@@ -16,6 +16,7 @@ from rrcompile.evaluate import MonteCarloEvaluator, sigma_sweep
 from rrcompile.executor import IN_PROCESS, RAY_MISSING, InProcess, RayExecutor, chip_executor
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
+from rrcompile.rl.environment import CalibrationEnv
 
 DEVICE = parse_device("lognormal:sigma=0.5")
 
@@ -66,6 +67,15 @@ def test_ray_workers_calibrate_the_same_chips_as_in_process(digits, ray_executor
     raw, calibrated = evaluator.evaluate(x, y, 4, 0, progress=False)
     raw_ray, calibrated_ray = evaluator.evaluate(x, y, 4, 0, progress=False, executor=ray_executor)
     assert (raw_ray.chip_accuracies, calibrated_ray.chip_accuracies) == (raw.chip_accuracies, calibrated.chip_accuracies)
+
+
+def test_ray_workers_profile_the_agents_layers_as_in_process(digits, ray_executor):
+    model, x, y = digits
+    slotted = InsertCompensationCandidatesPass(ranks={"conv1": 2, "fc2": 1}, calibrated=True)(model).model
+    here, ray = (CalibrationEnv(slotted, DEVICE, x[:32], x, y, chips=3, executor=executor).profiles
+                 for executor in (IN_PROCESS, ray_executor))
+    assert any(p.sensitivity != 0 for p in here)
+    assert ray == here
 
 
 def test_without_ray_installed_asking_for_it_is_a_one_line_error(monkeypatch):

@@ -11,6 +11,7 @@ from conftest import DIGITS_MODEL, small_calibration_env, with_up_weights
 from rrcompile.data import load_data
 from rrcompile.devices import DeviceConfig, parse_device
 from rrcompile.evaluate import MonteCarloEvaluator, session_accuracy
+from rrcompile.executor import InProcess
 from rrcompile.graph import analog_layers
 from rrcompile.passes.insert_compensation_candidates import InsertCompensationCandidatesPass
 from rrcompile.pipeline import canonicalize
@@ -98,3 +99,22 @@ def test_layer_sensitivities_are_those_of_the_slotted_network_with_every_gate_of
         varied = _mean_chip_accuracy(MonteCarloEvaluator(env.model, alone, fold_slots=False), x, y, env.chips, env.seed, off)
         assert profile.sensitivity == clean - varied
     assert any(profile.sensitivity != 0 for profile in env.profiles)
+
+
+class _CountingExecutor(InProcess):
+    """In process, counting the chips it is handed."""
+
+    def __init__(self):
+        self.chips = 0
+
+    def map_chips(self, fn, chips, *, progress=True, desc="chips") -> list:
+        self.chips += len(chips)
+        return super().map_chips(fn, chips, progress=progress, desc=desc)
+
+
+def test_the_layer_profiles_chips_run_on_the_environments_executor(setup):
+    _, compensated, x, y = setup
+    executor = _CountingExecutor()
+    env = CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=2, executor=executor)
+    assert executor.chips == 2 * env.steps  # each candidate layer's sensitivity, over the chips
+    assert env.profiles == CompensationEnv(compensated, parse_device(DEVICE), x, y, chips=2).profiles
