@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 from rrcompile.calibrate import CalibratedEvaluator, CalibrationConfig, slot_weights, with_ranks
 from rrcompile.compensation import Candidate, candidates, weights_per_rank
 from rrcompile.devices import DeviceConfig
-from rrcompile.evaluate import BATCH_SIZE, MonteCarloEvaluator, make_session, session_accuracy
+from rrcompile.evaluate import BATCH_SIZE, MonteCarloEvaluator, accuracy, session_accuracy
 from rrcompile.executor import IN_PROCESS, ChipExecutor
 from rrcompile.graph import analog_layers, model_io, to_networkx
 from rrcompile.lipschitz import SpectralReport
@@ -132,12 +132,12 @@ class CompensationEnv:
             # without read noise a chip is a fixed session: build each once for all configurations
             if self._chip_sessions is None and not self.evaluator.read_noise:
                 self._chip_sessions = [self.evaluator.chip(self.seed, c) for c in range(self.chips)]
-            accuracy = _mean_chip_accuracy(self.evaluator, self.x, self.y, self.chips, self.seed, self.gates(keep),
-                                           self._chip_sessions)
+            mean_accuracy = _mean_chip_accuracy(self.evaluator, self.x, self.y, self.chips, self.seed, self.gates(keep),
+                                                self._chip_sessions)
             overhead = self.overhead(keep)
             within = overhead <= self.max_overhead + OVERHEAD_TOLERANCE
-            reward = accuracy - self.overhead_weight * overhead if within else OVER_BUDGET_REWARD
-            self._rewards[keep] = (accuracy, reward)
+            reward = mean_accuracy - self.overhead_weight * overhead if within else OVER_BUDGET_REWARD
+            self._rewards[keep] = (mean_accuracy, reward)
         return self._rewards[keep]
 
     def state(self, step: int, chosen: Sequence[int]) -> np.ndarray:
@@ -186,7 +186,7 @@ def _profiles(model, device, found, x, y, chips, seed, batch_size, executor: Chi
     # same numbers without computing every branch only to multiply it by 0 (LeNet-5's slots at the
     # budget's ranks: 1.1 s against 3.4 s)
     bare = SelectCompensationPass([])(model).model
-    clean_accuracy = session_accuracy(make_session(bare), model_io(bare)[0], x, y, batch_size)
+    clean_accuracy = accuracy(bare, x, y, batch_size)
     errors = _feature_errors(bare, device, found, x[:FEATURE_ERROR_IMAGES], chips, seed)
     profiles = []
     for candidate in found:
@@ -209,7 +209,7 @@ def _feature_errors(bare, device, found, x, chips, seed) -> dict[str, float]:
     probed.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs.values())
     evaluator = MonteCarloEvaluator(probed, device)
     feed = {evaluator.input_name: x}
-    clean = make_session(probed).run(None, feed)[1:]
+    clean = evaluator.clean_session.run(None, feed)[1:]
     errors = np.zeros(len(found))
     for chip in range(chips):
         session, chip_feed = evaluator.chip(seed, chip)
@@ -282,7 +282,7 @@ class CalibrationEnv(CompensationEnv):
                                                 self.x_calibration, self.calibration, batch_size=self.evaluator.batch_size,
                                                 solves=self._solves)
                 chips = [VALIDATION_CHIPS_FROM + chip for chip in range(self.chips)]
-                accuracy = float(np.mean(self.executor.map_chips(
+                mean_accuracy = float(np.mean(self.executor.map_chips(
                     functools.partial(evaluator.chip_accuracy, self.x, self.y, self.seed), chips, progress=False)))
-                self._rewards[ranks] = (accuracy, accuracy - self.overhead_weight * overhead)
+                self._rewards[ranks] = (mean_accuracy, mean_accuracy - self.overhead_weight * overhead)
         return self._rewards[ranks]
